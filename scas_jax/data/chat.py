@@ -1,0 +1,227 @@
+"""Chat-template tokenization with the reference's exact boundaries and masks.
+
+Per row (method page, steps 1-3 and 5):
+
+1. messages = system (``row["system"]``, or "You are a helpful assistant." when missing
+   or empty), user = instruction, assistant = ``teacher_output`` (else ``output``);
+   non-string values are turned into strings, as the reference does.
+2. ``prompt = apply_chat_template(messages[:-1], tokenize=False,
+   add_generation_prompt=True)``, ``full = apply_chat_template(messages, tokenize=False,
+   add_generation_prompt=False)``, each tokenized with the tokenizer's default call
+   (``tokenizer(text)["input_ids"]``; here one batched call over many texts, which gives
+   the same ids).
+3. ``n_prompt = len(prompt_ids)``; when ``len(full_ids) >= n_prompt > 0`` and
+   ``full_ids[:n_prompt] != prompt_ids``, ``n_prompt`` becomes the length of their common
+   prefix (the reference applies the fallback only in that case, so a full text shorter
+   than the prompt keeps ``n_prompt`` and fails below). ``n_answer = len(full_ids) -
+   n_prompt`` must be > 0, else the row is an error row.
+
+Masks of :class:`Encoded` (all ``bool[T]`` over ``ids``, position ``p`` in ``0..T-1``):
+
+* ``special[p]``: ``ids[p]`` is in :func:`special_token_ids` (``all_special_ids``, the ids
+  of ``additional_special_tokens``/``extra_special_tokens``, and ``<|im_start|>`` /
+  ``<|im_end|>`` when in the vocabulary and not the unknown id).
+* ``question_mask = (p < n_prompt) & ~special`` and ``answer_mask = (p >= n_prompt) &
+  ~special``: the positions of the SIMILARITY metrics (AA, AQ, QQ). Position 0 is
+  included when it is a non-special question token (or answer token when n_prompt == 0):
+  the reference gathers every masked activation row, position 0 too.
+* ``nll_question_mask`` / ``nll_answer_mask``: the same masks with position 0 cleared.
+  ``nll[p] = -log softmax(logits[p-1])[ids[p]]`` exists only for ``p >= 1``, and the
+  reference drops position 0 from both NLL means. With a ChatML template position 0 is
+  ``<|im_start|>`` (special), so the two families differ only for templates that start
+  with an ordinary token.
+
+The per-sequence counts are therefore ``q_count = question_mask.sum()`` and
+``q_nll_count = nll_question_mask.sum()`` (and likewise for the answer).
+
+:class:`ChatEncoder` holds no mutable state besides the tokenizer, so one encoder can be
+used from one background thread while the device computes (Hugging Face fast tokenizers
+must not be called from several threads at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from scas_jax.data.pool import missing_fields_error
+from scas_jax.errors import ScasError
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+_CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized row.
+
+    ids: int32[T], the ids of the full text (the sequence the student reads).
+    n_prompt: the prompt/answer boundary, 0 <= n_prompt < T.
+    question_mask, answer_mask: bool[T], similarity positions (position 0 included).
+    nll_question_mask, nll_answer_mask: bool[T], NLL positions (position 0 excluded).
+    """
+
+    ids: np.ndarray
+    n_prompt: int
+    question_mask: np.ndarray
+    answer_mask: np.ndarray
+    nll_question_mask: np.ndarray
+    nll_answer_mask: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_answer(self) -> int:
+        return self.length - self.n_prompt
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A row that cannot be scored; ``message`` becomes its ``scas_scoring_error``."""
+
+    message: str
+
+
+def build_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """System, user and assistant messages of a candidate row (method page step 1)."""
+    system = str(row.get("system") or DEFAULT_SYSTEM)
+    instruction = str(row.get("instruction") or "")
+    answer = str(row.get("teacher_output") or row.get("output") or "")
+    return [
+        {"role": "system", "content": system},
+        {"role": "user", "content": instruction},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def special_token_ids(tokenizer: Any) -> np.ndarray:
+    """Sorted int64 ids treated as special (method page step 5)."""
+    ids: set[int] = set(int(i) for i in (getattr(tokenizer, "all_special_ids", None) or []))
+    for attr in ("additional_special_tokens", "extra_special_tokens"):
+        tokens = getattr(tokenizer, attr, None)
+        if isinstance(tokens, dict):
+            tokens = list(tokens.values())
+        if tokens:
+            converted = tokenizer.convert_tokens_to_ids([str(t) for t in tokens])
+            ids.update(int(i) for i in converted if i is not None)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for token in _CHATML_TOKENS:
+        try:
+            tid = tokenizer.convert_tokens_to_ids(token)
+        except Exception:  # a tokenizer without this token may raise
+            continue
+        if tid is not None and tid != unk:
+            ids.add(int(tid))
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def prompt_boundary(prompt_ids: Sequence[int], full_ids: Sequence[int]) -> int:
+    """n_prompt of step 3, with the reference's common-prefix fallback."""
+    n_prompt = len(prompt_ids)
+    if 0 < n_prompt <= len(full_ids) and list(full_ids[:n_prompt]) != list(prompt_ids):
+        n_prompt = common_prefix_len(prompt_ids, full_ids)
+    return n_prompt
+
+
+def build_masks(
+    ids: np.ndarray, n_prompt: int, special_ids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(question, answer, nll_question, nll_answer) bool[T] masks; see module docstring."""
+    not_special = ~np.isin(ids, special_ids)
+    pos = np.arange(ids.shape[0])
+    question = (pos < n_prompt) & not_special
+    answer = (pos >= n_prompt) & not_special
+    nll_q = question.copy()
+    nll_a = answer.copy()
+    if ids.shape[0]:
+        nll_q[0] = False
+        nll_a[0] = False
+    return question, answer, nll_q, nll_a
+
+
+class ChatEncoder:
+    """Encodes candidate rows for one student tokenizer.
+
+    ``encode_rows(rows)`` -> one :class:`Encoded` or :class:`RowError` per row, with one
+    batched template render and one batched tokenizer call per ``batch_size`` rows.
+    """
+
+    def __init__(self, tokenizer: Any, name: str | None = None):
+        self.tokenizer = tokenizer
+        self.name = name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        if not getattr(tokenizer, "chat_template", None):
+            raise ScasError(
+                f"tokenizer {self.name!r} has no chat template; SCAS needs the student's "
+                "chat template to split prompt and answer"
+            )
+        self.special_ids = special_token_ids(tokenizer)
+
+    def texts(self, row: dict[str, Any]) -> tuple[str, str]:
+        """(prompt, full) texts of step 2."""
+        messages = build_messages(row)
+        prompt = self.tokenizer.apply_chat_template(
+            messages[:-1], tokenize=False, add_generation_prompt=True
+        )
+        full = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False
+        )
+        return prompt, full
+
+    def encode(self, row: dict[str, Any]) -> Encoded | RowError:
+        return self.encode_rows([row])[0]
+
+    def encode_ids(self, prompt_ids: Sequence[int], full_ids: Sequence[int]) -> Encoded | RowError:
+        """Boundary and masks from already tokenized prompt and full texts."""
+        n_prompt = prompt_boundary(prompt_ids, full_ids)
+        n_answer = len(full_ids) - n_prompt
+        if n_answer <= 0:
+            return RowError(
+                f"Answer length is non-positive (n_answer={n_answer}). "
+                "Check chat-template token boundaries."
+            )
+        ids = np.asarray(full_ids, dtype=np.int32)
+        q, a, nq, na = build_masks(ids, n_prompt, self.special_ids)
+        return Encoded(ids, n_prompt, q, a, nq, na)
+
+    def encode_rows(
+        self, rows: Iterable[dict[str, Any]], batch_size: int = 512
+    ) -> list[Encoded | RowError]:
+        rows = list(rows)
+        out: list[Encoded | RowError] = []
+        for start in range(0, len(rows), batch_size):
+            out.extend(self._encode_batch(rows[start : start + batch_size]))
+        return out
+
+    def _encode_batch(self, rows: list[dict[str, Any]]) -> list[Encoded | RowError]:
+        results: list[Encoded | RowError | None] = [None] * len(rows)
+        texts: list[str] = []
+        slots: list[int] = []
+        for i, row in enumerate(rows):
+            error = missing_fields_error(row)
+            if error is not None:
+                results[i] = RowError(error)
+                continue
+            try:
+                prompt, full = self.texts(row)
+            except Exception as exc:  # a template may reject a row; keep it as an error row
+                results[i] = RowError(f"chat template failed: {exc}")
+                continue
+            texts.extend((prompt, full))
+            slots.append(i)
+        if texts:
+            ids = self.tokenizer(texts)["input_ids"]
+            for k, i in enumerate(slots):
+                results[i] = self.encode_ids(ids[2 * k], ids[2 * k + 1])
+        return results  # type: ignore[return-value]

