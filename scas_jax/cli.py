@@ -1,0 +1,47 @@
+"""`scas-jax <stage>`: one subcommand per stage, each a thin shell over a Python function.
+
+Every command module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``,
+which adds its subparser(s) and sets ``func`` (``args -> exit code``). Modules keep
+heavy imports (jax, transformers) inside their functions so that ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from scas_jax.errors import ScasError
+
+COMMAND_MODULES = (
+    "scas_jax.convert.commands",  # convert, export
+    "scas_jax.demo",  # demo (the README's main job)
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scas-jax",
+        description="Student-Centric Answer Sampling for LLM distillation, in JAX.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ScasError as e:
+        print(f"scas-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scas-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""scas_jax.convert"""

@@ -1,0 +1,157 @@
+"""The decoder as pure functions of ``(params, tokens, positions, segment_ids)``.
+
+Parameters are a plain nested dict (Linen's layout), with every decoder layer stacked
+on a leading ``[num_layers]`` axis under ``params["layers"]``; layers run under
+``jax.lax.scan`` so a 30-layer model compiles one layer body.
+
+Taps name intermediate activations returned from the same pass:
+``"layers.{i}.mlp.up_proj"`` (``[batch, seq, d_ff]``) and ``"layers.{i}.residual"``
+(the residual stream after layer ``i``, ``[batch, seq, d_model]``); ``i`` may be
+negative. The stack is split statically at the tapped layers, so a tap costs nothing
+beyond its own output.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from scas_jax.errors import ScasError
+from scas_jax.models.config import ModelConfig
+from scas_jax.models.layers import DecoderLayer, RMSNorm, rope_tables
+
+_TAP_RE = re.compile(r"^layers\.(-?\d+)\.(mlp\.up_proj|residual)$")
+TAP_KINDS = {"mlp.up_proj": "up_proj", "residual": "residual"}
+
+
+def parse_tap(name: str, num_layers: int) -> tuple[int, str]:
+    """``"layers.-1.mlp.up_proj"`` -> ``(num_layers - 1, "up_proj")``."""
+    m = _TAP_RE.match(name)
+    if not m:
+        raise ScasError(
+            f"unknown tap {name!r}: expected 'layers.<i>.mlp.up_proj' or 'layers.<i>.residual'"
+        )
+    layer = int(m.group(1))
+    if layer < 0:
+        layer += num_layers
+    if not 0 <= layer < num_layers:
+        raise ScasError(f"tap {name!r}: layer out of range for a {num_layers}-layer model")
+    return layer, TAP_KINDS[m.group(2)]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, param_dtype=jnp.float32) -> dict:
+    """Random parameters (for tests and smoke runs): layers stacked on axis 0."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    t = jnp.zeros((1, 4), jnp.int32)
+    x = jnp.zeros((1, 4, cfg.hidden_size), param_dtype)
+    cos, sin = rope_tables(cfg, t)
+    layer = DecoderLayer(cfg, param_dtype, param_dtype)
+    layers = jax.vmap(lambda k: layer.init(k, x, cos, sin, t)["params"])(
+        jax.random.split(k_layers, cfg.num_layers)
+    )
+    params = {
+        "embed_tokens": {
+            "embedding": (0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.hidden_size)))
+            .astype(param_dtype)
+        },
+        "layers": layers,
+        "norm": {"scale": jnp.ones((cfg.hidden_size,), param_dtype)},
+    }
+    if not cfg.tie_word_embeddings:
+        w = 0.02 * jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size))
+        params["lm_head"] = {"kernel": w.astype(param_dtype)}
+    return params
+
+
+def _slice_layers(layers: dict, start: int, stop: int) -> dict:
+    return jax.tree.map(lambda x: x[start:stop], layers)
+
+
+def decode(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    taps: Sequence[str] = (),
+    *,
+    dtype=jnp.float32,
+    attn_impl: str = "xla",
+    remat: bool = False,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Run the decoder stack.
+
+    Args:
+      tokens, positions, segment_ids: ``[batch, seq]`` int32. ``positions`` restart at
+        0 for each packed sequence; ``segment_ids`` are 0 on padding (see attention.py).
+      taps: names of activations to return (see module docstring).
+    Returns:
+      (final normed hidden states ``[batch, seq, d_model]``, {tap name: activation}).
+    """
+    layer = DecoderLayer(cfg, dtype, params["norm"]["scale"].dtype, attn_impl)
+    cos, sin = rope_tables(cfg, positions)
+
+    def run_one(p, x):
+        return layer.apply({"params": p}, x, cos, sin, segment_ids)
+
+    if remat:
+        run_one = jax.checkpoint(run_one)
+
+    def run_span(x, start, stop):
+        if stop <= start:
+            return x
+
+        def body(h, p):
+            return run_one(p, h)[0], None
+
+        return jax.lax.scan(body, x, _slice_layers(params["layers"], start, stop))[0]
+
+    wanted: dict[int, list[tuple[str, str]]] = {}
+    for name in taps:
+        idx, kind = parse_tap(name, cfg.num_layers)
+        wanted.setdefault(idx, []).append((name, kind))
+
+    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
+    out: dict[str, jax.Array] = {}
+    start = 0
+    for idx in sorted(wanted):
+        x = run_span(x, start, idx)
+        x, up = run_one(jax.tree.map(lambda a: a[idx], params["layers"]), x)
+        for name, kind in wanted[idx]:
+            out[name] = up if kind == "up_proj" else x
+        start = idx + 1
+    x = run_span(x, start, cfg.num_layers)
+    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+    return x, out
+
+
+def lm_head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
+    """``[d_model, vocab]`` output projection (the transposed embedding when tied)."""
+    if cfg.tie_word_embeddings:
+        return params["embed_tokens"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """``[batch, seq, d_model]`` -> float32 logits ``[batch, seq, vocab]``."""
+    w = lm_head_kernel(params, cfg).astype(hidden.dtype)
+    return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segment_ids: jax.Array,
+    taps: Sequence[str] = (),
+    **kwargs,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Full logits ``[batch, seq, vocab]`` (float32) and taps. For long rows prefer
+    :func:`scas_jax.models.loss.target_logprobs`, which never holds the full logits."""
+    hidden, out = decode(params, cfg, tokens, positions, segment_ids, taps, **kwargs)
+    return logits_from_hidden(params, cfg, hidden), out
+
