@@ -228,7 +228,7 @@ def _write_groups(pool: Pool, output_dir: Path, header: dict[str, Any], score_ke
         "seed": seed,
         "group_counts": {f"{n}.jsonl": len(by_group[g]) for g, n in zip(by_group, names)},
         "selected_count": len(selected),
-        "missing_groups": missing,
+        "missing_groups": {str(g): n for g, n in missing.items()},
         "grouping_convention": GROUPING_CONVENTION,
         # ours
         **_selected_summary(selected_name, selected),
