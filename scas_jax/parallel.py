@@ -16,7 +16,7 @@ import re
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from scas_jax.errors import ScasError
 
@@ -77,9 +77,10 @@ def make_mesh(spec: str = "data=-1", devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = parse_mesh_spec(spec, len(devices))
     shape = tuple(sizes[a] for a in AXES)
+    auto = (AxisType.Auto,) * len(AXES)  # GSPMD propagation inside jit; shardings given at the edges
     if devices == list(jax.devices()):
-        return jax.make_mesh(shape, AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), AXES)
+        return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=auto)
 
 
 def _rule_for(path: str) -> tuple[str | None, ...]:

@@ -101,8 +101,9 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
     return out[:, :t].astype(q.dtype)
 
 
-def attention(q, k, v, segment_ids, sliding_window=None, impl="xla", block=BLOCK):
+def attention(q, k, v, segment_ids, sliding_window=None, impl="xla", block=None):
     """Dispatch on ``impl`` (``xla``, ``blockwise``, ``auto``); shapes as :func:`xla_attention`."""
+    block = block or BLOCK
     if impl == "auto":
         impl = "blockwise" if q.shape[1] > 2 * block else "xla"
     if impl == "xla":
