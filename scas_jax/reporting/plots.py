@@ -19,6 +19,16 @@ def teacher_colors(teachers: list[str]) -> dict[str, Any]:
     return {t: cmap(i % cmap.N) for i, t in enumerate(sorted(teachers))}
 
 
+def _hbox(ax, data: list, **kwargs) -> dict:
+    """Horizontal box plots (``orientation=`` from matplotlib 3.10, ``vert=False`` before)."""
+    style = {"patch_artist": True, "widths": 0.6, "flierprops": {"markersize": 2, "alpha": 0.5},
+             "medianprops": {"color": "black"}, **kwargs}
+    major, minor = (int(x) for x in matplotlib.__version__.split(".")[:2])
+    if (major, minor) >= (3, 10):
+        return ax.boxplot(data, orientation="horizontal", **style)
+    return ax.boxplot(data, vert=False, **style)
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
@@ -32,8 +42,7 @@ def score_distribution(path: Path, name: str, values: dict[str, list[float]], co
     teachers.sort(key=lambda t: sorted(values[t])[len(values[t]) // 2], reverse=True)
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(1, len(teachers))))
     if teachers:
-        box = ax.boxplot([values[t] for t in teachers], vert=False, patch_artist=True, widths=0.6,
-                         flierprops={"markersize": 2, "alpha": 0.5}, medianprops={"color": "black"})
+        box = _hbox(ax, [values[t] for t in teachers])
         for patch, t in zip(box["boxes"], teachers):
             patch.set_facecolor(colors[t])
             patch.set_alpha(0.75)
@@ -97,8 +106,7 @@ def teacher_overview(path: Path, teachers: list[str], accuracy: dict[str, float 
     a1.set_xlim(0, 1)
     a1.set_xlabel("verified correct (share of rows)")
     a1.set_title("accuracy")
-    box = a2.boxplot([words[t] or [0] for t in teachers], vert=False, positions=list(ys), patch_artist=True,
-                     widths=0.6, flierprops={"markersize": 2, "alpha": 0.5}, medianprops={"color": "black"})
+    box = _hbox(a2, [words[t] or [0] for t in teachers], positions=list(ys))
     for patch, t in zip(box["boxes"], teachers):
         patch.set_facecolor(colors[t])
         patch.set_alpha(0.75)

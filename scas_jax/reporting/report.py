@@ -199,7 +199,8 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
         labels = [s.label for s in sels]
         plots.agreement_heatmap(fig_dir / "agreement.png", labels, matrix)
         same, common = all_agree(sels)
-        summary["agreement"] = {"labels": labels, "same_common": matrix, "all_agree": [same, common]}
+        summary["agreement"] = {"labels": labels, "same_common": [[list(c) for c in row] for row in matrix],
+                                "all_agree": [same, common]}
         md += ["## How often selections agree\n",
                "Cell (i, j): among the items both selections cover, the share where they chose the same teacher.\n",
                _table(["selection"] + [f"({j + 1})" for j in range(len(sels))],
