@@ -79,7 +79,7 @@ def default_target(model) -> str:
 
 @torch.no_grad()
 def reference_forward(model, ids: torch.Tensor, target: str | None = None) -> dict[str, torch.Tensor]:
-    """One unpadded forward: ``act`` float32[T, d] at the hooked module, ``nll`` float32[T]
+    """One unpadded forward: ``ids`` as given, ``act`` float32[T, d] at the hooked module, ``nll`` float32[T]
     with ``nll[0] = nan`` (position 0 has no prediction) and ``nll[p]`` the loss of
     predicting token p from the logits at p - 1 (full log-softmax)."""
     store: dict[str, torch.Tensor] = {}
@@ -93,7 +93,7 @@ def reference_forward(model, ids: torch.Tensor, target: str | None = None) -> di
     logp = F.log_softmax(logits[:-1], dim=-1)
     nll = torch.full((ids.numel(),), float("nan"))
     nll[1:] = -logp.gather(-1, ids[1:, None])[:, 0]
-    return {"act": store["act"][0].float(), "nll": nll}
+    return {"ids": ids, "act": store["act"][0].float(), "nll": nll}
 
 
 def _pair_means(mat: torch.Tensor) -> tuple[float, float]:
@@ -140,15 +140,26 @@ def _assemble(aa, aa_nd, aq, qq, qq_nd, nq, na, lam) -> dict[str, Any]:
 
 
 def reference_metrics(
-    model, tokenizer, row: dict[str, Any], lambda_scas: float = 0.5, target: str | None = None
+    model,
+    tokenizer,
+    row: dict[str, Any],
+    lambda_scas: float = 0.5,
+    target: str | None = None,
+    forward: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Every metric field of one row, as the reference computes it."""
+    """Every metric field of one row, as the reference computes it.
+
+    ``forward``: an earlier :func:`reference_forward` of this row's ids, to reuse one
+    forward pass for several lambdas or for a second computation from the same pass.
+    """
     if not row.get("instruction") or not (row.get("teacher_output") or row.get("output")):
         return {**_zero(lambda_scas), "scas_scoring_error": "Missing instruction or teacher_output/output."}
     tok = reference_tokenize(tokenizer, row)
     if tok["n_answer"] <= 0:
         return {**_zero(lambda_scas), "scas_scoring_error": f"n_answer={tok['n_answer']}"}
-    out = reference_forward(model, tok["ids"], target)
+    if forward is not None and not torch.equal(forward["ids"], tok["ids"]):
+        raise ValueError("the given forward pass is not over this row's reference ids")
+    out = forward if forward is not None else reference_forward(model, tok["ids"], target)
     unit = F.normalize(out["act"], p=2, dim=1)  # x / max(||x||, 1e-12)
     a = unit[tok["answer"]]
     q = unit[tok["question"]]

@@ -136,13 +136,9 @@ def test_batch_equals_single():
 # ---------------------------------------------------------------- real student, torch oracle
 
 
-def torch_stats(model, enc: Encoded) -> dict:
-    """Sufficient statistics from one torch forward, with chat.py's masks (float64 sums)."""
-    import torch
-
-    from scas_reference import reference_forward
-
-    out = reference_forward(model, torch.from_numpy(enc.ids.astype(np.int64)))
+def torch_stats(out: dict, enc: Encoded) -> dict:
+    """Sufficient statistics from one torch forward (``reference_forward``'s output), with
+    chat.py's masks (float64 sums)."""
     act = out["act"]  # float32 [T, d]
     unit = (act / act.norm(dim=1, keepdim=True).clamp_min(1e-12)).double().numpy()
     nll = out["nll"].double().numpy()  # [T], nll[0] = nan (never selected)
@@ -171,13 +167,17 @@ def oracle_cases(tokenizer):
 
 @pytest.mark.slow
 def test_fields_match_torch_oracle(smollm2_torch_model, smollm2_tokenizer):
-    from scas_reference import reference_metrics
+    import torch
+
+    from scas_reference import reference_forward, reference_metrics
 
     for label, tok, row in oracle_cases(smollm2_tokenizer):
         enc = ChatEncoder(tok).encode(row)
-        stats = torch_stats(smollm2_torch_model, enc)
+        forward = reference_forward(smollm2_torch_model, torch.from_numpy(enc.ids.astype(np.int64)))
+        stats = torch_stats(forward, enc)
         for lambda_scas in (0.5, 0.2):
-            want = reference_metrics(smollm2_torch_model, tok, row, lambda_scas=lambda_scas)
+            # the oracle re-tokenizes the row itself and checks the forward is over its ids
+            want = reference_metrics(smollm2_torch_model, tok, row, lambda_scas=lambda_scas, forward=forward)
             got = fields_from_stats(**stats, lambda_scas=lambda_scas)
             assert set(got) == set(want) == PAGE_FIELDS, label
             for key in PAGE_FIELDS:
@@ -188,3 +188,10 @@ def test_fields_match_torch_oracle(smollm2_torch_model, smollm2_tokenizer):
             assert got["answer_answer_similarity_no_diag"] == 0.0
         if label == "plain template":
             assert enc.question_mask[0]  # position 0 counts for similarity, not for NLL
+
+
+def test_error_row_matches_oracle():
+    from scas_reference import reference_metrics
+
+    want = reference_metrics(None, None, {"id": 1, "instruction": "q"}, lambda_scas=0.4)
+    assert error_fields(want[ERROR_FIELD], lambda_scas=0.4) == want
