@@ -297,3 +297,47 @@ def test_cli_success_prints_summary(scored, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "items=3 selected=3 skipped_rows=5" in text
     assert (out / "scas_score" / "3_groups" / "selected_group_3.jsonl").exists()
+
+
+def test_groups_match_a_literal_reading_of_the_method_page(tmp_path):
+    """200 random items (1-7 candidates, many score ties) against the method page, line by line."""
+    import random
+
+    gen = random.Random(123)
+    teachers = ["t0", "t1", "t2", "t3", "t4", "t5", "t6"]
+    files: dict[str, list[dict]] = {t: [] for t in teachers}
+    for i in range(200):
+        for t in gen.sample(teachers, gen.randint(1, 7)):
+            files[t].append({"id": {"n": i} if i % 3 else i, "instruction": "q", "teacher_output": t,
+                             "scas_score": gen.choice([0.1, 0.2, 0.3, gen.random()])})
+    d = tmp_path / "s"
+    d.mkdir()
+    for t, rows in files.items():
+        write_jsonl(d / f"{t}_scas_scores.jsonl", rows)
+
+    # the method page: key json.dumps(id, ensure_ascii=False, sort_keys=True); items ascending;
+    # sort by (score, str(teacher)); group min(G, max(1, ceil((r+1)G/n))); one Random(seed);
+    # for each item, groups 1..G, one choice per non-empty group over (rank, candidate)
+    G, seed = 4, 9
+    by_key: dict[str, list[tuple[float, str]]] = {}
+    for t in teachers:  # files in name order, rows in line order
+        for r in files[t]:
+            by_key.setdefault(json.dumps(r["id"], ensure_ascii=False, sort_keys=True), []).append((r["scas_score"], t))
+    rng = random.Random(seed)
+    expected: dict[int, list[tuple[str, int]]] = {g: [] for g in range(1, G + 1)}
+    for key in sorted(by_key):
+        ranked_ = sorted(by_key[key], key=lambda c: (c[0], str(c[1])))
+        groups = {g: [] for g in range(1, G + 1)}
+        for r, c in enumerate(ranked_):
+            groups[min(G, max(1, math.ceil((r + 1) * G / len(ranked_))))].append((r + 1, c))
+        for g in range(1, G + 1):
+            if groups[g]:
+                rank, c = rng.choice(groups[g])
+                expected[g].append((c[1], rank))
+
+    select(d, tmp_path / "o", "groups", num_groups=G, selected_group=2, seed=seed)
+    root = tmp_path / "o" / "scas_score" / f"{G}_groups"
+    for g in range(1, G + 1):
+        got = [(r["teacher_name"], r["score_rank"]) for r in read_jsonl(root / f"group_{g}.jsonl")]
+        assert got == expected[g]
+    assert len(expected[1]) < 200  # items with fewer than G candidates have no group 1

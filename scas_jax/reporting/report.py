@@ -111,7 +111,7 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
 
     md.append("# SCAS report\n")
     md.append(
-        f"Scores: `{data.input_dir}` ({len(data.files)} {data.kind} files, "
+        f"Scores: `{data.input_dir}` ({len(data.files)} {'score' if data.kind == 'scores' else 'candidate'} files, "
         f"{sum(s.rows for s in stats.values())} rows, {len(teachers)} teachers, {items} items). "
         f"Selections: {len(sels)}.\n"
     )
