@@ -126,6 +126,9 @@ def test_batched_equals_single(smollm2_tokenizer):
         single = encoder.encode(row)
         np.testing.assert_array_equal(enc.ids, single.ids)
         assert enc.n_prompt == single.n_prompt
+    lazily = list(encoder.iter_batches((r for r in rows), batch_size=4))
+    assert [len(b) for b in lazily] == [4, 2]
+    assert [e.ids.tolist() for b in lazily for e in b] == [e.ids.tolist() for e in batched]
 
 
 def test_background_thread(smollm2_tokenizer):

@@ -42,7 +42,7 @@ must not be called from several threads at once).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -198,11 +198,27 @@ class ChatEncoder:
     def encode_rows(
         self, rows: Iterable[dict[str, Any]], batch_size: int = 512
     ) -> list[Encoded | RowError]:
-        rows = list(rows)
+        """One result per row, in order."""
         out: list[Encoded | RowError] = []
-        for start in range(0, len(rows), batch_size):
-            out.extend(self._encode_batch(rows[start : start + batch_size]))
+        for batch in self.iter_batches(rows, batch_size):
+            out.extend(batch)
         return out
+
+    def iter_batches(
+        self, rows: Iterable[dict[str, Any]], batch_size: int = 512
+    ) -> Iterator[list[Encoded | RowError]]:
+        """Lazily encode ``rows`` (any iterable) ``batch_size`` at a time, in order; for a
+        producer thread feeding the device."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        batch: list[dict[str, Any]] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) == batch_size:
+                yield self._encode_batch(batch)
+                batch = []
+        if batch:
+            yield self._encode_batch(batch)
 
     def _encode_batch(self, rows: list[dict[str, Any]]) -> list[Encoded | RowError]:
         results: list[Encoded | RowError | None] = [None] * len(rows)
