@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from scas_jax.errors import ScasError
 from scas_jax.selection.candidates import canonical_id, row_teacher
-from scas_jax.selection.files import SCORES, PoolFile, discover_pool, read_jsonl
+from scas_jax.selection.files import PoolFile, discover_pool, read_jsonl
 
 # Score fields worth a distribution plot, in reading order (scas_method.md, step 8).
 DEFAULT_FIELDS = (
@@ -26,7 +26,7 @@ DEFAULT_FIELDS = (
     "answer_question_similarity",
 )
 # Numeric fields that are not scores (never plotted unless asked for).
-NOT_SCORES = {"lambda_scas", "answer_answer_weight", "score_rank", "group", "score_value"}
+NOT_SCORES = {"id", "lambda_scas", "answer_answer_weight", "score_rank", "group", "score_value"}
 
 
 @dataclass
@@ -271,7 +271,3 @@ def selected_quality(sel: Selection, scores: ScoreSet) -> dict[str, Any]:
         "mean_score": sum(values) / len(values) if values else None,
         "score_key": next((r.get("score_key") for r in sel.rows.values() if r.get("score_key")), None),
     }
-
-
-def kind_is_scores(scores: ScoreSet) -> bool:
-    return scores.kind == SCORES

@@ -165,7 +165,7 @@ def numeric_fields(files: Iterable[PoolFile], max_rows: int = 20) -> list[str]:
                 break
             found.update(
                 k for k, v in row.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                if k != "id" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             )
     return sorted(found)
 
