@@ -108,7 +108,7 @@ def load_student(
         hf = checkpoint.read_hf_config_of(path)
         return Student(cfg, params, tok, hf, str(path), dtype or stored)
     source = open_source(path)
-    cfg = config_from_hf(source.hf_config, where=source.describe())
+    cfg = config_from_hf(source.hf_config, where=source.config_where)
     dtype = dtype or "float32"
     bar = None
     if progress:

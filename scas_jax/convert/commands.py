@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from scas_jax.errors import ScasError
 from scas_jax.io_utils import atomic_dir
 
 _ARCHITECTURES = {
@@ -24,6 +23,7 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: 
     Tensors are read one at a time into host buffers (never two copies of the model);
     the directory is built beside ``out`` and renamed into place only when complete.
     """
+    import jax
     from tqdm import tqdm
 
     from scas_jax.convert import checkpoint
@@ -35,12 +35,15 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: 
     src_path = resolve_path(hf)
     np_dt = checkpoint.np_dtype(dtype)
     source = open_source(src_path)
-    cfg = config_from_hf(source.hf_config, where=source.describe())
+    cfg = config_from_hf(source.hf_config, where=source.config_where)
     out = Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         with tqdm(total=len(source.names), desc="converting", unit="tensor") as bar:
+            # each leaf moves to the (host) device as soon as it is filled, so the host
+            # buffer of one leaf is the only transient copy
             params = params_from_tensors(
-                cfg, source.get, source.names, np_dt, source.describe(), progress=bar.update
+                cfg, source.get, source.names, np_dt, source.describe(),
+                place=lambda path, x: jax.device_put(x), progress=bar.update,
             )
         checkpoint.save_params(tmp / "params", params)
         del params

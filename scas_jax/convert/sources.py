@@ -42,6 +42,7 @@ class SafetensorsSource:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.config_where = str(self.path / "config.json")
         self.hf_config = read_hf_config(self.path / "config.json")
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -91,6 +92,7 @@ class GGUFSource:
         for t in self._reader.tensors:
             self._tensors[self._hf_name(t.name)] = t
         self.names = set(self._tensors)
+        self.config_where = str(self.path)
         self.hf_config = self._config()
         self.tokenizer_dir = None
 
