@@ -1,0 +1,91 @@
+"""The jitted SCAS core: per-sequence sufficient statistics from one forward pass.
+
+``sequence_stats(params, batch)`` runs the student over a packed batch and reduces,
+for every packed sequence (segment), what :mod:`scas_jax.scoring.fields` needs:
+
+    q_nll_sum, q_nll_count, a_nll_sum, a_nll_count   [batch, segs]
+    q_count, a_count, q_sqnorm_sum, a_sqnorm_sum     [batch, segs]
+    q_vec_sum, a_vec_sum                             [batch, segs, d_tap]
+
+Nothing of size ``[seq, seq]`` per sequence or ``[batch, seq, vocab]`` is materialised:
+the similarity terms are sums of L2-normalised tap rows (exact O(T d) identities), the
+log-softmax runs over sequence chunks (:func:`scas_jax.models.loss.next_token_nll`)
+and long rows use blockwise attention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from scas_jax.models.config import ModelConfig
+from scas_jax.models.decoder import decode
+from scas_jax.models.loss import next_token_nll
+
+DEFAULT_TAP = "layers.-1.mlp.up_proj"
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "question_mask", "answer_mask",
+              "nll_question_mask", "nll_answer_mask")
+
+
+def l2_normalise(x: jax.Array) -> jax.Array:
+    """``x / max(||x||, 1e-12)`` over the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+def sequence_stats(
+    params: dict,
+    batch: dict,
+    *,
+    cfg: ModelConfig,
+    max_segments: int,
+    tap: str = DEFAULT_TAP,
+    dtype=jnp.float32,
+    attn_impl: str = "auto",
+    vocab_chunk: int = 256,
+) -> dict[str, jax.Array]:
+    """Sufficient statistics of every packed sequence.
+
+    Args:
+      batch: ``BATCH_KEYS`` arrays, each ``[batch, seq]``. Masks are booleans; segment
+        ids run 1..``max_segments`` (0 = padding). The nll masks must exclude each
+        sequence's first position (nothing predicts it).
+    Returns:
+      The statistics above; segment ``s`` of row ``b`` is at ``[b, s - 1]``.
+    """
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    hidden, taps = decode(params, cfg, tokens, batch["positions"], seg, (tap,),
+                          dtype=dtype, attn_impl=attn_impl)
+    nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk)  # [B, T] f32
+    act = l2_normalise(taps[tap])  # [B, T, d]
+    sq = jnp.sum(act * act, axis=-1)  # [B, T]
+    onehot = (seg[..., None] == jnp.arange(1, max_segments + 1)).astype(jnp.float32)  # [B,T,S]
+
+    def per_seg(mask, values):  # [B,T] x [B,T] -> [B,S]
+        return jnp.einsum("bts,bt->bs", onehot, jnp.where(mask, values, 0.0))
+
+    out = {}
+    for side, m, nm in (("q", batch["question_mask"], batch["nll_question_mask"]),
+                        ("a", batch["answer_mask"], batch["nll_answer_mask"])):
+        m = m.astype(bool)
+        nm = nm.astype(bool)
+        out[f"{side}_nll_sum"] = per_seg(nm, nll)
+        out[f"{side}_nll_count"] = per_seg(nm, jnp.ones_like(nll))
+        out[f"{side}_count"] = per_seg(m, jnp.ones_like(nll))
+        out[f"{side}_sqnorm_sum"] = per_seg(m, sq)
+        out[f"{side}_vec_sum"] = jnp.einsum(
+            "bts,btd->bsd", onehot * m[..., None], act, precision=jax.lax.Precision.HIGHEST)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_stats(cfg: ModelConfig, max_segments: int, tap: str = DEFAULT_TAP,
+                   dtype: str = "float32", attn_impl: str = "auto", vocab_chunk: int = 256):
+    """One jitted ``(params, batch) -> stats`` per static configuration (shared by all
+    callers, so the scorer, the training loop and the tests reuse compilations)."""
+    fn = functools.partial(sequence_stats, cfg=cfg, max_segments=max_segments, tap=tap,
+                           dtype=jnp.dtype(dtype), attn_impl=attn_impl, vocab_chunk=vocab_chunk)
+    return jax.jit(fn)

@@ -1,0 +1,160 @@
+"""Scoring in-memory rows with given parameters: the library call behind ``scas-jax score``
+and the training loop's in-training selection.
+
+Rows are tokenized on the host (in a background thread), packed into a few static
+shapes (:mod:`scas_jax.data.packing`), sharded over the mesh's batch axes, and reduced
+on device by the jitted core (:mod:`scas_jax.scoring.core`). While the device works on
+batch ``k``, the host builds batch ``k + 1`` and turns batch ``k - 1``'s statistics
+into SCAS fields.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from scas_jax.data.chat import ChatEncoder, Encoded, RowError
+from scas_jax.data.packing import BatchPlan, materialise, padding_stats, plan_batches
+from scas_jax.scoring.core import DEFAULT_TAP, compiled_stats
+from scas_jax.scoring.fields import check_lambda, error_fields, fields_from_batch
+
+_SEQ_KEYS = ("tokens", "question_mask", "answer_mask", "nll_question_mask", "nll_answer_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of a scoring run (all static: they fix the compiled shapes)."""
+
+    lambda_scas: float = 0.5
+    target_layer: str = DEFAULT_TAP
+    batch_tokens: int = 8192
+    max_length: int = 4096
+    max_segments: int = 16
+    dtype: str = "float32"
+    attn_impl: str = "auto"
+    vocab_chunk: int = 256
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Rows tokenized and planned: ``encoded[i]`` is an Encoded or an error message."""
+
+    encoded: list[Encoded | str]
+    plans: list[BatchPlan]  # item indices refer to ``encoded``
+    stats: dict
+
+    @property
+    def error_items(self) -> list[int]:
+        return [i for i, e in enumerate(self.encoded) if isinstance(e, str)]
+
+
+def _as_seq(e: Encoded) -> dict:
+    return {"tokens": e.ids, "question_mask": e.question_mask, "answer_mask": e.answer_mask,
+            "nll_question_mask": e.nll_question_mask, "nll_answer_mask": e.nll_answer_mask}
+
+
+def prepare(rows: Sequence[dict], tokenizer: Any, cfg: ScoreConfig, row_multiple: int = 1,
+            encoder: ChatEncoder | None = None) -> Prepared:
+    """Tokenize ``rows`` with the reference's boundaries and plan packed batches.
+
+    Rows that fail to encode, or longer than ``max_length``, become error items (never
+    truncated silently).
+    """
+    encoder = encoder or ChatEncoder(tokenizer)
+    encoded: list[Encoded | str] = []
+    for e in encoder.encode_rows(list(rows)):
+        if isinstance(e, RowError):
+            encoded.append(e.message)
+        elif e.length > cfg.max_length:
+            encoded.append(f"sequence of {e.length} tokens exceeds --max-length {cfg.max_length}")
+        else:
+            encoded.append(e)
+    ok = [i for i, e in enumerate(encoded) if not isinstance(e, str)]
+    lengths = [encoded[i].length for i in ok]
+    plans = plan_batches(lengths, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
+                         max_segments=cfg.max_segments, row_multiple=row_multiple)
+    plans = [BatchPlan(p.length, tuple(tuple(ok[j] for j in row) for row in p.rows)) for p in plans]
+    stats = padding_stats(plans, [e.length if not isinstance(e, str) else 0 for e in encoded])
+    return Prepared(encoded, plans, stats)
+
+
+def iter_scored_batches(
+    params: dict,
+    model_cfg,
+    prepared: Prepared,
+    cfg: ScoreConfig,
+    mesh=None,
+    skip: Callable[[int], bool] = lambda k: False,
+) -> Iterator[tuple[int, list[tuple[int, dict]]]]:
+    """Yield ``(batch index, [(item index, fields), ...])`` for every planned batch not
+    skipped, in plan order. Error items are not included (see ``error_fields``)."""
+    check_lambda(cfg.lambda_scas)
+    fn = compiled_stats(model_cfg, cfg.max_segments, cfg.target_layer, cfg.dtype,
+                        cfg.attn_impl, cfg.vocab_chunk)
+    seqs = {i: _as_seq(e) for i, e in enumerate(prepared.encoded) if not isinstance(e, str)}
+    todo = [k for k in range(len(prepared.plans)) if not skip(k)]
+
+    def build(k):
+        arrays = materialise(prepared.plans[k], seqs, _SEQ_KEYS)
+        if mesh is not None:
+            from scas_jax.parallel import shard_batch
+
+            return shard_batch(mesh, arrays)
+        return arrays
+
+    def finish(k, out):
+        host = {name: np.asarray(v) for name, v in out.items()}
+        plan = prepared.plans[k]
+        slots = [(r * cfg.max_segments + s, item)
+                 for r, row in enumerate(plan.rows) for s, item in enumerate(row)]
+        flat_idx = np.asarray([f for f, _ in slots], dtype=np.int64)
+        flat = {n: v.reshape(-1, *v.shape[2:])[flat_idx] for n, v in host.items()}
+        fields = fields_from_batch(flat, cfg.lambda_scas)
+        return k, [(item, f) for (_, item), f in zip(slots, fields)]
+
+    with cf.ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(build, todo[0]) if todo else None
+        pending = None
+        for idx, k in enumerate(todo):
+            batch = nxt.result()
+            if idx + 1 < len(todo):
+                nxt = pool.submit(build, todo[idx + 1])
+            out = fn(params, batch)  # async dispatch
+            if pending is not None:
+                yield finish(*pending)
+            pending = (k, out)
+        if pending is not None:
+            yield finish(*pending)
+
+
+def score_rows(
+    params: dict,
+    model_cfg,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    cfg: ScoreConfig = ScoreConfig(),
+    mesh=None,
+) -> list[dict]:
+    """SCAS fields for every row, in order (error rows get zeros and ``scas_scoring_error``)."""
+    row_multiple = 1
+    if mesh is not None:
+        from scas_jax.parallel import batch_divisor
+
+        row_multiple = batch_divisor(mesh)
+    prepared = prepare(rows, tokenizer, cfg, row_multiple)
+    out: list[dict | None] = [None] * len(rows)
+    for i in prepared.error_items:
+        out[i] = error_fields(prepared.encoded[i], cfg.lambda_scas)
+    for _, items in iter_scored_batches(params, model_cfg, prepared, cfg, mesh):
+        for i, f in items:
+            out[i] = f
+    return out  # type: ignore[return-value]
+
+
+def device_summary() -> str:
+    d = jax.devices()
+    return f"{len(d)} x {d[0].platform} ({d[0].device_kind})"
