@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def _save(fig, path: Path) -> Path:
 def score_distribution(path: Path, name: str, values: dict[str, list[float]], colors: dict[str, Any]) -> Path:
     """Horizontal box plots of one score field, one box per teacher, lowest median on top."""
     teachers = [t for t in values if values[t]]
-    teachers.sort(key=lambda t: sorted(values[t])[len(values[t]) // 2], reverse=True)
+    teachers.sort(key=lambda t: (statistics.median(values[t]), t), reverse=True)  # position 1 is the bottom
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * max(1, len(teachers))))
     if teachers:
         box = _hbox(ax, [values[t] for t in teachers])

@@ -184,7 +184,9 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
         for i, sel in enumerate(sels):
             by_group = sel.manifest.get("teacher_share_by_group")
             if sel.strategy == "groups" and by_group:
-                table = {g: {t: v["share"] for t, v in shares_g.items()} for g, shares_g in by_group.items()}
+                counts = sel.manifest.get("group_counts", {})
+                table = {f"{g} ({counts.get(g + '.jsonl', '?')} rows)": {t: v["share"] for t, v in shares_g.items()}
+                         for g, shares_g in by_group.items()}
                 fname = f"groups_{i + 1}.png"
                 plots.stacked_shares(fig_dir / fname, f"({i + 1}) {sel.label}: teachers in each score group "
                                      "(group_1 = lowest cost)", table, colors)
@@ -240,6 +242,12 @@ def _findings(data: ScoreSet, stats, fields: list[str], field_values, sels: list
         if shares:
             top = max(shares, key=lambda t: (shares[t], t))
             out.append(f"`{sel.label}` takes **{top}** for {shares[top]:.1%} of its {len(sel.rows)} rows.")
+        items = sel.manifest.get("items")
+        if sel.strategy == "groups" and isinstance(items, int) and len(sel.rows) < items:
+            g = sel.manifest.get("selected_group")
+            missing = sel.manifest.get("missing_groups", {}).get(str(g), items - len(sel.rows))
+            out.append(f"**Note:** `{sel.label}` covers only {len(sel.rows)} of {items} items: {missing} items have "
+                       f"no answer in group {g} (with fewer candidates than groups, the low groups stay empty).")
     if len(sels) > 1:
         same, common = all_agree(sels)
         if common:
