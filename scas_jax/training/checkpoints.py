@@ -1,0 +1,77 @@
+"""Train checkpoints: one Orbax ``CheckpointManager`` under ``OUTPUT/checkpoints``.
+
+Each step directory holds two items:
+
+- ``state``: the :class:`~scas_jax.training.step.TrainState` (step, float32 params,
+  optimiser state), saved with its shardings and restored into the current mesh;
+- ``meta``: JSON with ``step``, ``data_position`` (the next global batch index),
+  ``data_fingerprint``, ``config`` (the TrainConfig) and ``model_config``.
+
+Orbax writes a step into a temporary directory and renames it when complete, and
+``latest_step`` ignores temporaries, so a run killed mid-save leaves the previous
+checkpoint as the latest. Saves are synchronous: when ``save`` returns, the step is
+committed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from scas_jax.errors import ScasError
+
+
+class TrainCheckpoints:
+    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep or None,
+            enable_async_checkpointing=False,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict[str, Any]) -> None:
+        ocp = self._ocp
+        if step in (self.manager.all_steps() or []):
+            return
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ScasError(f"{self.directory}: no checkpoint to resume from")
+        ocp = self._ocp
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore_state(self, step: int, abstract_state):
+        """``abstract_state``: ShapeDtypeStructs carrying the target shardings."""
+        ocp = self._ocp
+        out = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        )
+        return out["state"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(state, shardings):
+    """ShapeDtypeStructs of ``state`` with ``shardings`` (for restore)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )

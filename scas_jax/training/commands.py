@@ -1,0 +1,47 @@
+"""``scas-jax train``: fine-tune a student on selected SFT answers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _train_cmd(args: argparse.Namespace) -> int:
+    from scas_jax.training.loop import train
+
+    overrides = list(args.overrides)
+    if args.eval_data:
+        overrides.append(f"eval_data={args.eval_data}")
+    if args.dataset:
+        overrides.append(f"dataset={args.dataset}")
+    summary = train(
+        args.student, args.data, args.output_dir, args.config, overrides,
+        resume=args.resume, export_hf=args.export_hf, progress=not args.no_progress,
+    )
+    if summary.get("interrupted"):
+        print(f"interrupted by {summary['interrupted']}: checkpoint saved at step "
+              f"{summary['final_step']}; continue with --resume")
+        return EXIT_ON_SIGNAL.get(summary["interrupted"], 1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
+    d = summary["data"]
+    print(f"data: {d['examples']} sequences trained on ({d['rows']} rows, {d['errors']} without an "
+          f"answer, {d['dropped_long']} dropped as longer than seq_len)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune the student on SFT JSONL (e.g. select's output)")
+    p.add_argument("--student", default="smollm2", help="converted dir, HF dir, GGUF or 'smollm2'")
+    p.add_argument("--data", required=True,
+                   help="SFT JSONL (system/instruction/output) or a LLaMA-Factory dataset_info.json")
+    p.add_argument("--dataset", default=None, help="dataset name inside dataset_info.json")
+    p.add_argument("--output-dir", required=True, help="checkpoints, metrics and the final model")
+    p.add_argument("--config", default=None, help="YAML (see configs/train/default.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--eval-data", default=None, help="held-out SFT JSONL for the eval loss")
+    p.add_argument("--export-hf", default=None, help="also write the final model for transformers")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=_train_cmd)

@@ -1,0 +1,246 @@
+"""The training loop: ``train(student, data, output_dir, config, overrides) -> summary``.
+
+Output directory::
+
+    OUTPUT/train_config.yaml   the effective TrainConfig
+    OUTPUT/checkpoints/<step>/ Orbax (state + meta), see checkpoints.py
+    OUTPUT/metrics.jsonl       one line per logged step (and eval lines)
+    OUTPUT/tensorboard/        TensorBoard event files
+    OUTPUT/final/              converted checkpoint of the final float32 params
+                               (a ``--student`` for any stage, and ``export``'s input)
+
+Exact resume: the state (params, optimiser state, step) and the data position are
+restored from the latest committed checkpoint; batches are a pure function of the step
+index (see data.py), so the steps after the resume point see the same batches and
+produce the same losses and parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+import yaml
+
+from scas_jax.errors import ScasError
+from scas_jax.io_utils import atomic_dir, write_text_atomic
+from scas_jax.parallel import batch_divisor, is_main_process, make_mesh
+from scas_jax.training import step as st
+from scas_jax.training.checkpoints import TrainCheckpoints, abstract_like
+from scas_jax.training.config import TrainConfig, config_from_dict, load_config
+from scas_jax.training.data import BatchStream, eval_batches, load_examples
+from scas_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and stops after the current step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        names = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+        previous = {}
+
+        def handler(signum, frame):
+            self.signal = names.get(signum, str(signum))
+
+        try:
+            for s in names:
+                previous[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: no handlers
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def resolve_config(config: TrainConfig | str | Path | None, overrides: Sequence[str],
+                   base: TrainConfig | None = None) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return load_config(None, overrides, base=config)
+    return load_config(config, overrides, base=base)
+
+
+def _load_student(student, mesh):
+    from scas_jax.loader import Student, load_student
+
+    if isinstance(student, Student):
+        return student
+    return load_student(student, dtype="float32", mesh=mesh)
+
+
+def save_final(out: Path, student, params) -> Path:
+    """A converted directory of ``params`` (float32) with the student's config and tokenizer."""
+    from scas_jax.convert import checkpoint
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        checkpoint.save_params(tmp / "params", params)
+        checkpoint.write_meta(tmp, student.cfg, dict(student.hf_config), "float32", str(student.source))
+        if student.tokenizer is not None:
+            student.tokenizer.save_pretrained(str(tmp))
+    return out
+
+
+def _meta(cfg: TrainConfig, student, step: int, fingerprint: str) -> dict[str, Any]:
+    return {"step": step, "data_position": step, "data_fingerprint": fingerprint,
+            "config": cfg.to_dict(), "model_config": student.cfg.to_dict()}
+
+
+def train(
+    student,
+    data: str | Path,
+    output_dir: str | Path,
+    config: TrainConfig | str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    export_hf: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``student`` (a path or a loaded Student) on SFT ``data``; see module docs.
+
+    Returns a summary: steps run, final step, last loss, eval loss, data stats, paths,
+    and ``interrupted`` (the signal name when SIGINT/SIGTERM stopped the run).
+    """
+    output_dir = Path(output_dir)
+    ckpts = TrainCheckpoints(output_dir / "checkpoints")
+    try:
+        latest = ckpts.latest_step()
+        if resume:
+            if latest is None:
+                raise ScasError(f"{output_dir}: --resume given but no checkpoint exists")
+            meta = ckpts.read_meta(latest)
+            saved = config_from_dict(meta["config"], f"{ckpts.directory}/{latest}/meta")
+            cfg = resolve_config(config, overrides, base=saved)
+        else:
+            if latest is not None:
+                raise ScasError(
+                    f"{output_dir}: holds checkpoints (latest step {latest}); pass --resume "
+                    "to continue, or choose a new --output-dir"
+                )
+            meta = None
+            cfg = resolve_config(config, overrides)
+        cfg.require_static()
+        return _run(student, data, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
+    finally:
+        ckpts.close()
+
+
+def _run(student, data, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoints,
+         meta: dict | None, latest: int | None, export_hf, progress: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    mesh = make_mesh(cfg.mesh)
+    div = batch_divisor(mesh)
+    if cfg.micro_batch % div:
+        raise ScasError(
+            f"train config: the micro-batch (batch_size / grad_accum = {cfg.micro_batch}) must be "
+            f"a multiple of the mesh's data*fsdp size {div} (mesh {cfg.mesh!r})"
+        )
+    student = _load_student(student, mesh)
+    examples, stats = load_examples(data, student.tokenizer, cfg.seq_len, cfg.drop_long, cfg.dataset)
+    eval_sets = None
+    if cfg.eval_data:
+        ev, _ = load_examples(cfg.eval_data, student.tokenizer, cfg.seq_len, cfg.drop_long)
+        eval_sets = eval_batches(ev, cfg.seq_len, cfg.micro_batch, cfg.max_segments)
+    stream = BatchStream(examples, cfg.seq_len, cfg.batch_size, cfg.max_segments, cfg.seed)
+    total_steps = cfg.steps or stream.steps_for_epochs(cfg.epochs)
+    schedule = st.lr_schedule(cfg, total_steps)
+    optimizer = st.make_optimizer(cfg, total_steps)
+    state = st.init_state(student.params, optimizer, mesh)
+    shardings = st.state_shardings(state, mesh)
+    start = 0
+    if meta is not None:
+        if meta.get("data_fingerprint") != stream.fingerprint():
+            raise ScasError(
+                f"{ckpts.directory}: the checkpoint was trained on different data "
+                "(fingerprint mismatch); resume with the same --data and tokenizer"
+            )
+        state = ckpts.restore_state(latest, abstract_like(state, shardings))
+        start = int(meta["data_position"])
+    main = is_main_process()
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output_dir / "train_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    step_fn = st.make_train_step(student.cfg, cfg, optimizer, mesh, shardings, schedule)
+    eval_fn = st.make_eval_step(student.cfg, cfg, mesh, shardings.params) if eval_sets else None
+    writer = MetricsWriter(output_dir, resume_step=start, enabled=main)
+    fpt = flops_per_token(student.cfg, cfg.seq_len)
+    peak = peak_flops(mesh.devices.flatten().tolist(), cfg.peak_tflops_per_device)
+    fingerprint = stream.fingerprint()
+
+    def evaluate(step: int) -> float | None:
+        if eval_fn is None:
+            return None
+        loss_sum, count = 0.0, 0.0
+        for b in eval_sets:
+            s, n = eval_fn(state.params, st.put_batch(st.to_step_batch(b, 1), mesh))
+            loss_sum, count = loss_sum + float(s), count + float(n)
+        value = loss_sum / max(count, 1.0)
+        writer.write(step, {"eval_loss": value, "eval_tokens": count})
+        return value
+
+    stop = _StopFlag()
+    last_loss, eval_loss, saved_at = None, None, latest
+    step = start
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
+    window_tokens, window_t0 = 0, time.perf_counter()
+    with stop.installed():
+        for step in range(start, total_steps):
+            host = stream.batch(step)
+            real_tokens = int((host["segment_ids"] > 0).sum())
+            state, metrics = step_fn(state, st.put_batch(st.to_step_batch(host, cfg.grad_accum), mesh))
+            window_tokens += real_tokens
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total_steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t0, 1e-9)
+                m["tokens_per_s"] = tps
+                m["mfu"] = tps * fpt / peak if peak else None
+                m["epoch"] = stream.locate(step)[0]
+                writer.write(done, m)
+                last_loss = m["loss"]
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+                window_tokens, window_t0 = 0, now
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or stop.signal:
+                ckpts.save(done, state, _meta(cfg, student, done, fingerprint))
+                saved_at = done
+            if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                eval_loss = evaluate(done)
+            if stop.signal:
+                break
+    bar.close()
+    final_step = int(jax.device_get(state.step))
+    if saved_at != final_step:
+        ckpts.save(final_step, state, _meta(cfg, student, final_step, fingerprint))
+    summary: dict[str, Any] = {
+        "steps_run": final_step - start, "final_step": final_step, "total_steps": total_steps,
+        "resumed_from": start if meta is not None else None, "last_loss": last_loss,
+        "data": stats.to_dict(), "output_dir": str(output_dir), "interrupted": stop.signal,
+    }
+    if stop.signal:
+        writer.close()
+        return summary
+    if eval_fn is not None and not (cfg.eval_every and final_step % cfg.eval_every == 0):
+        eval_loss = evaluate(final_step)
+    summary["eval_loss"] = eval_loss
+    writer.close()
+    if main:
+        final = save_final(output_dir / "final", student, state.params)
+        summary["final_dir"] = str(final)
+        if export_hf:
+            from scas_jax.convert.commands import export
+
+            summary["export_hf"] = str(export(final, export_hf, overwrite=True))
+    return summary

@@ -1,0 +1,207 @@
+"""The optimiser, the train state and the jitted train step.
+
+``train_step(state, batch) -> (state, metrics)`` is a pure function under ``jax.jit``
+with explicit shardings: parameters and the AdamW moments follow the rule table of
+:mod:`scas_jax.parallel`, the batch ``[grad_accum, micro, seq]`` is sharded over
+``('data', 'fsdp')`` on its micro axis, metrics are replicated.
+
+Loss normalisation. With micro-batches ``m = 1..A`` and per-token losses ``l_{m,t}``
+with weights ``w_{m,t}`` (1 on answer targets), the step minimises
+
+    L = sum_{m,t} w_{m,t} l_{m,t} / sum_{m,t} w_{m,t}
+
+i.e. the mean over *all* answer tokens of the step, not a mean of per-micro-batch
+means. The denominator is known before the forward pass (it is a sum of the batch's
+weights), so each micro-batch contributes ``grad(sum_t w l / N)`` and the
+accumulated gradient is exactly the gradient of ``L``: ``A x B`` rows and ``1 x AB``
+rows give the same update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from scas_jax.models.config import ModelConfig
+from scas_jax.models.decoder import decode
+from scas_jax.models.loss import target_logprobs
+from scas_jax.parallel import BATCH_AXES, param_spec, path_str
+from scas_jax.training.config import TrainConfig
+
+BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights")
+
+
+class TrainState(NamedTuple):
+    """step: int32 scalar (optimiser steps taken); params: float32 master weights;
+    opt_state: the optax state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ------------------------------------------------------------------ optimiser
+
+
+def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay
+    to ``learning_rate * min_lr_ratio`` at ``total_steps`` (or constant)."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    peak = cfg.learning_rate
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        after = optax.cosine_decay_schedule(
+            peak, decay_steps=max(total_steps - warmup, 1), alpha=cfg.min_lr_ratio
+        )
+    if warmup == 0:
+        return after
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), after], boundaries=[warmup]
+    )
+
+
+def decay_mask(params) -> Any:
+    """Weight decay on matrices only: ``kernel`` and ``embedding`` leaves (layers are
+    stacked, so ``ndim`` cannot tell a norm scale ``[L, d]`` from a matrix)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: path_str(p).rsplit("/", 1)[-1] in ("kernel", "embedding"), params
+    )
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    parts = []
+    if cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(
+        optax.adamw(lr_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay, mask=decay_mask)
+    )
+    return optax.chain(*parts)
+
+
+# ------------------------------------------------------------------ shardings
+
+
+def _dict_path(path) -> str:
+    """The parameter path inside an optimiser-state path (only its dict keys)."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+    """Shardings of a (possibly abstract) state: every leaf shaped like a parameter takes
+    the parameter's rule; scalars (step, Adam count) are replicated."""
+    def one(path, x):
+        shape = tuple(getattr(x, "shape", ()))
+        if not shape:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, param_spec(_dict_path(path), shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def batch_shardings(mesh) -> dict[str, NamedSharding]:
+    """``[grad_accum, micro, seq]`` arrays: the micro axis over ('data', 'fsdp')."""
+    s = NamedSharding(mesh, P(None, BATCH_AXES, None))
+    return {k: s for k in BATCH_FIELDS}
+
+
+def init_state(params, optimizer, mesh) -> TrainState:
+    """A sharded float32 train state at step 0 (parameters cast to float32)."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    abstract = jax.eval_shape(
+        lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)), params
+    )
+    shardings = state_shardings(abstract, mesh)
+    return jax.jit(
+        lambda p: TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p)),
+        out_shardings=shardings,
+    )(params)
+
+
+# ------------------------------------------------------------------ loss and step
+
+
+def micro_loss_sum(params, model_cfg: ModelConfig, cfg: TrainConfig, micro: dict) -> jax.Array:
+    """``sum_t w_t * nll_t`` (float32 scalar) of one micro-batch ``[micro, seq]``."""
+    dtype = jnp.dtype(cfg.compute_dtype)
+    p = jax.tree.map(lambda x: x.astype(dtype), params) if dtype != jnp.float32 else params
+    hidden, _ = decode(
+        p, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"],
+        dtype=dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
+    )
+    lp = target_logprobs(p, model_cfg, hidden, micro["targets"], cfg.logits_chunk)
+    return -jnp.sum(lp * micro["weights"])
+
+
+def make_train_step(
+    model_cfg: ModelConfig, cfg: TrainConfig, optimizer: optax.GradientTransformation,
+    mesh, state_sharding: TrainState, schedule: optax.Schedule,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted step. ``batch`` holds :data:`BATCH_FIELDS`, each ``[grad_accum, micro, seq]``.
+
+    Metrics (replicated float32 scalars): ``loss`` (mean NLL per answer token of the
+    step), ``grad_norm`` (global norm before clipping), ``lr`` (the rate applied at this
+    step), ``tokens`` (answer tokens of the step).
+    """
+    def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        total = jnp.sum(batch["weights"])
+        denom = jnp.maximum(total, 1.0)
+
+        def accumulate(grads, micro):
+            loss_sum, g = jax.value_and_grad(micro_loss_sum)(state.params, model_cfg, cfg, micro)
+            grads = jax.tree.map(lambda a, b: a + b / denom, grads, g)
+            return grads, loss_sum
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, loss_sums = jax.lax.scan(accumulate, zeros, batch)
+        grads = jax.lax.with_sharding_constraint(grads, state_sharding.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": jnp.sum(loss_sums) / denom,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": jnp.asarray(schedule(state.step), jnp.float32),
+            "tokens": total,
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_sharding, batch_shardings(mesh)),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def make_eval_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh, param_sharding) -> Callable:
+    """``(params, batch [1, rows, seq]) -> (sum of answer NLL, answer tokens)``."""
+
+    def eval_fn(params, batch):
+        micro = jax.tree.map(lambda x: x[0], batch)
+        return micro_loss_sum(params, model_cfg, cfg, micro), jnp.sum(micro["weights"])
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(eval_fn, in_shardings=(param_sharding, batch_shardings(mesh)),
+                   out_shardings=(replicated, replicated))
+
+
+def to_step_batch(batch: dict, grad_accum: int) -> dict:
+    """Host ``[batch_size, seq]`` arrays -> ``[grad_accum, micro, seq]`` (row ``a * micro + m``
+    goes to micro-batch ``a``)."""
+    out = {}
+    for k in BATCH_FIELDS:
+        x = batch[k]
+        out[k] = x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
+    return out
+
+
+def put_batch(batch: dict, mesh) -> dict:
+    """Host arrays ``[A, micro, seq]`` -> global arrays with :func:`batch_shardings`."""
+    shardings = batch_shardings(mesh)
+    return {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in BATCH_FIELDS}

@@ -1,0 +1,347 @@
+"""Training: config, loss mask, packing, the jitted step (compile once, sharding, grad
+accumulation), exact resume after a real kill, export parity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from scas_jax.assets import GSM8K_POOL
+from scas_jax.errors import ScasError
+from scas_jax.models.config import config_from_hf, tiny_config
+from scas_jax.models.decoder import forward, init_params
+from scas_jax.parallel import make_mesh
+from scas_jax.training import step as st
+from scas_jax.training.config import TrainConfig, load_config
+from scas_jax.training.data import (
+    BatchStream, example_from_ids, load_examples, pack_rows,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def char_tokenizer(out: Path):
+    """A character-level fast tokenizer with a ChatML template (vocab 99)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>"])
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.save_pretrained(str(out))
+    return tok
+
+
+TINY_HF = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
+               tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+
+
+def make_student_dir(out: Path, seed: int = 0) -> Path:
+    """A converted tiny llama (vocab 128) with the char tokenizer."""
+    from scas_jax.convert import checkpoint
+
+    out.mkdir(parents=True)
+    cfg = config_from_hf(TINY_HF)
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    checkpoint.save_params(out / "params", params)
+    checkpoint.write_meta(out, cfg, dict(TINY_HF), "float32", "test")
+    char_tokenizer(out)
+    return out
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        a, b = (int(x) for x in rng.integers(0, 50, size=2))
+        rows.append({"id": i, "system": "Add.", "instruction": f"{a}+{b}?", "output": f"{a + b}"})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def synthetic_stream(n=48, vocab=64, seq_len=64, batch_size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    exs = [example_from_ids(rng.integers(0, vocab, size=int(t)), int(t) // 2)
+           for t in rng.integers(6, 30, size=n)]
+    return BatchStream(exs, seq_len, batch_size, 64, seed)
+
+
+def run_steps(model_cfg, params, tc: TrainConfig, stream, mesh, steps: int):
+    opt = st.make_optimizer(tc, steps)
+    state = st.init_state(params, opt, mesh)
+    fn = st.make_train_step(model_cfg, tc, opt, mesh, st.state_shardings(state, mesh),
+                            st.lr_schedule(tc, steps))
+    losses = []
+    for k in range(steps):
+        state, m = fn(state, st.put_batch(st.to_step_batch(stream.batch(k), tc.grad_accum), mesh))
+        losses.append(float(m["loss"]))
+    return state, np.array(losses), fn
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = load_config(REPO / "configs/train/default.yaml",
+                      ["optim.learning_rate=3e-4", "remat=true", "steps=7", "mesh=data=2,fsdp=4"])
+    assert cfg.learning_rate == 3e-4 and cfg.remat is True and cfg.steps == 7
+    assert cfg.mesh == "data=2,fsdp=4" and cfg.seq_len == TrainConfig().seq_len
+    assert load_config(REPO / "configs/train/default.yaml") == TrainConfig()
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rat: 1.0e-4\n")
+    with pytest.raises(ScasError, match=r"bad\.yaml.*unknown config key 'optim\.learning_rat'"):
+        load_config(bad)
+    with pytest.raises(ScasError, match=r"command line.*unknown config key 'bogus'"):
+        load_config(None, ["bogus=1"])
+    with pytest.raises(ScasError, match="batch_size.*not a valid int"):
+        load_config(None, ["batch_size=abc"])
+    with pytest.raises(ScasError, match="not a multiple of grad_accum"):
+        load_config(None, ["batch_size=6", "grad_accum=4"])
+    with pytest.raises(ScasError, match="dynamic.*not implemented"):
+        load_config(None, ["selection=dynamic"]).require_static()
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_loss_mask_on_chat_template_rows(smollm2_tokenizer):
+    """Masked targets decode to exactly the answer + the template's end of turn."""
+    tok = smollm2_tokenizer
+    rows = [json.loads(l) for l in (GSM8K_POOL / "gpt3_6b_finetuning.jsonl").open()][:12]
+    path = write_jsonl(Path(os.environ.get("TMPDIR", "/tmp")) / f"mask_{os.getpid()}.jsonl",
+                       [{"system": r["system"], "instruction": r["instruction"],
+                         "output": r["teacher_output"]} for r in rows])
+    try:
+        examples, stats = load_examples(path, tok, seq_len=1024)
+    finally:
+        path.unlink()
+    assert stats.examples == 12 and stats.errors == 0 and stats.dropped_long == 0
+    for ex, row in zip(examples, rows):
+        w = ex.weights.astype(bool)
+        # targets[p] = tokens[p + 1]; the mask is one contiguous run ending at the last target
+        idx = np.flatnonzero(w)
+        assert np.all(np.diff(idx) == 1) and idx[-1] == ex.length - 2
+        assert tok.decode(ex.targets[w]) == row["teacher_output"] + "<|im_end|>\n"
+        np.testing.assert_array_equal(ex.targets[:-1], ex.tokens[1:])
+        assert not ex.weights[-1]
+    # packed: every segment keeps its own mask, no cross-sequence target counted
+    stream = BatchStream(examples, 1024, 4, 64, seed=0)
+    b = stream.batch(0)
+    assert b["tokens"].shape == (4, 1024)
+    total = sum(float(stream.batch(k)["weights"].sum()) for k in range(len(stream.plan(0))))
+    assert total == sum(float(e.weights.sum()) for e in examples)
+    seg = b["segment_ids"]
+    ends = (seg[:, :-1] != seg[:, 1:]) & (seg[:, :-1] > 0)
+    assert not b["weights"][:, :-1][ends].any()  # the last position of a segment predicts nothing
+
+
+def test_bad_data(tmp_path):
+    tok = char_tokenizer(tmp_path / "tok")
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ScasError, match="empty"):
+        load_examples(empty, tok, 64)
+    rows = arithmetic_rows(3) + [{"instruction": "1+1?", "output": ""}, {"instruction": "", "output": "2"}]
+    rows.append({"system": "Add.", "instruction": "9" * 80, "output": "x"})
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    exs, stats = load_examples(mixed, tok, seq_len=64)
+    assert (stats.examples, stats.errors, stats.dropped_long, stats.rows) == (3, 2, 1, 6)
+    with pytest.raises(ScasError, match=r"mixed\.jsonl:6: \d+ tokens exceed seq_len=64"):
+        load_examples(mixed, tok, seq_len=64, drop_long=False)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": ""}])
+    with pytest.raises(ScasError, match="no usable rows.*1 without an answer"):
+        load_examples(bad, tok, 64)
+    info = tmp_path / "dataset_info.json"
+    info.write_text(json.dumps({"sel": {"file_name": "mixed.jsonl", "columns": {
+        "system": "system", "prompt": "instruction", "response": "output"}}}))
+    exs2, _ = load_examples(info, tok, 64)
+    assert len(exs2) == 3
+    with pytest.raises(ScasError, match="no dataset 'other'"):
+        load_examples(info, tok, 64, dataset="other")
+
+
+def test_packing_deterministic_and_fixed_shape():
+    stream = synthetic_stream()
+    again = synthetic_stream()
+    assert stream.plan(0) == again.plan(0) and stream.plan(0) != stream.plan(1)
+    for k in range(len(stream.plan(0)) + 2):
+        b = stream.batch(k)
+        assert all(v.shape == (8, 64) for v in b.values())
+        np.testing.assert_array_equal(b["tokens"], again.batch(k)["tokens"])
+    used = sorted(i for p in stream.plan(0) for i in p.items)
+    assert used == list(range(48))  # every example once per epoch
+    rows = pack_rows([5, 5, 5], [0, 1, 2], seq_len=10, max_segments=64)
+    assert rows == [(0, 1), (2,)]
+
+
+# ------------------------------------------------------------------ step
+
+
+@pytest.fixture(scope="module")
+def small():
+    cfg = tiny_config("llama", vocab_size=64)
+    return cfg, init_params(cfg, jax.random.PRNGKey(0))
+
+
+def test_compile_once_and_loss_decreases(small):
+    cfg, params = small
+    tc = TrainConfig(batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=2, steps=30)
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    _, losses, fn = run_steps(cfg, params, tc, synthetic_stream(), mesh, 30)
+    assert fn._cache_size() == 1
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert np.all(np.isfinite(losses))
+
+
+def test_one_vs_eight_devices(small):
+    cfg, params = small
+    tc = TrainConfig(batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=1, steps=4)
+    one, l1, _ = run_steps(cfg, params, tc, synthetic_stream(), make_mesh("data=1", jax.devices()[:1]), 4)
+    mesh8 = make_mesh("data=2,fsdp=4")
+    eight, l8, _ = run_steps(cfg, params, tc, synthetic_stream(), mesh8, 4)
+    # fsdp really shards something
+    specs = [x.sharding.spec for x in jax.tree.leaves(eight.params)]
+    assert any("fsdp" in str(s) for s in specs)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+
+
+def test_grad_accumulation_matches_full_batch(small):
+    cfg, params = small
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    base = dict(batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=0, steps=3)
+    full, lf, _ = run_steps(cfg, params, TrainConfig(**base, grad_accum=1), synthetic_stream(), mesh, 3)
+    acc, la, _ = run_steps(cfg, params, TrainConfig(**base, grad_accum=2), synthetic_stream(), mesh, 3)
+    np.testing.assert_allclose(la, lf, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(acc.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-4)
+
+
+def test_remat_and_bfloat16(small):
+    cfg, params = small
+    mesh = make_mesh("data=1", jax.devices()[:1])
+    base = dict(batch_size=8, seq_len=64, learning_rate=1e-3, warmup_steps=0, steps=2)
+    _, l0, _ = run_steps(cfg, params, TrainConfig(**base), synthetic_stream(), mesh, 2)
+    _, lr, _ = run_steps(cfg, params, TrainConfig(**base, remat=True), synthetic_stream(), mesh, 2)
+    bf, lb, _ = run_steps(cfg, params, TrainConfig(**base, compute_dtype="bfloat16"), synthetic_stream(), mesh, 2)
+    np.testing.assert_allclose(lr, l0, rtol=1e-5)
+    np.testing.assert_allclose(lb, l0, rtol=2e-2)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf.params))  # master weights
+
+
+# ------------------------------------------------------------------ loop, resume, export
+
+
+def _cli(args, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "scas_jax", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_exact_resume_after_kill(tmp_path):
+    student = make_student_dir(tmp_path / "student")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(96))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    common = ["--student", str(student), "--data", str(data), "--no-progress",
+              "steps=40", "batch_size=4", "seq_len=256", "checkpoint_every=5", "warmup_steps=3",
+              "learning_rate=1e-2", "mesh=data=-1", "epochs=1"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    p = _cli([*common, "--output-dir", str(ref)], env)
+    assert p.wait(timeout=120) == 0, p.stdout.read()
+
+    p = _cli([*common, "--output-dir", str(cut)], env)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        done = [d for d in (cut / "checkpoints").glob("*") if d.name.isdigit()] if (cut / "checkpoints").exists() else []
+        if any(int(d.name) >= 10 for d in done):
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert p.wait(timeout=30) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (cut / "final").exists()
+    killed_at = max(int(d.name) for d in (cut / "checkpoints").glob("*") if d.name.isdigit())
+    assert 10 <= killed_at < 40
+
+    p = _cli([*common, "--output-dir", str(cut), "--resume"], env)
+    assert p.wait(timeout=120) == 0, p.stdout.read()
+    ref_l, cut_l = _losses(ref), _losses(cut)
+    assert sorted(cut_l) == list(range(1, 41))  # each step logged once
+    for s in range(killed_at + 1, 41):
+        assert cut_l[s] == ref_l[s], (s, cut_l[s], ref_l[s])
+    from scas_jax.loader import load_student
+
+    a, b = load_student(ref / "final"), load_student(cut / "final")
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # a run without --resume refuses to touch existing checkpoints
+    p = _cli([*common, "--output-dir", str(cut)], env)
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode == 2 and "pass --resume" in out
+
+
+def test_train_export_parity(tmp_path):
+    """Train a few steps in-process on 8 devices, export, compare logits with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scas_jax.loader import load_student
+    from scas_jax.training.loop import train
+
+    student = make_student_dir(tmp_path / "student", seed=1)
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
+    held = write_jsonl(tmp_path / "held.jsonl", arithmetic_rows(8, seed=9))
+    summary = train(student, data, tmp_path / "run", None,
+                    ["steps=6", "batch_size=8", "seq_len=128", "checkpoint_every=4",
+                     "mesh=data=2,fsdp=4", "learning_rate=1e-2", f"eval_data={held}", "eval_every=3"],
+                    export_hf=tmp_path / "hf", progress=False)
+    assert summary["final_step"] == 6 and summary["eval_loss"] is not None
+    rows = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert {"lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert list((tmp_path / "run/tensorboard").glob("events.*"))
+    trained = load_student(tmp_path / "run/final")
+    before = load_student(student)
+    assert not np.allclose(np.asarray(trained.params["lm_head"]["kernel"]),
+                           np.asarray(before.params["lm_head"]["kernel"]))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = np.random.default_rng(3).integers(0, 99, size=(2, 17))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    t = np.broadcast_to(np.arange(17), ids.shape)
+    ours, _ = forward(trained.params, trained.cfg, ids, t, np.ones_like(ids))
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
