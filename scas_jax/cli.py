@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "scas_jax.selection.commands",  # select
     "scas_jax.evaluation.commands",  # verify
     "scas_jax.reporting.commands",  # report
+    "scas_jax.training.commands",  # train
 )
 
 
