@@ -345,3 +345,30 @@ def test_train_export_parity(tmp_path):
     t = np.broadcast_to(np.arange(17), ids.shape)
     ours, _ = forward(trained.params, trained.cfg, ids, t, np.ones_like(ids))
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-4, rtol=0)
+
+
+def test_sigterm_saves_checkpoint(tmp_path):
+    student = make_student_dir(tmp_path / "student")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    out = tmp_path / "run"
+    p = _cli(["--student", str(student), "--data", str(data), "--output-dir", str(out), "--no-progress",
+              "steps=100000", "batch_size=2", "seq_len=128", "checkpoint_every=3"], env)
+    deadline = time.time() + 90
+    while time.time() < deadline and p.poll() is None:
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 4:
+            p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    text = p.communicate(timeout=60)[0]
+    assert p.returncode == 143, text
+    assert "interrupted by SIGTERM" in text
+    from scas_jax.training.checkpoints import TrainCheckpoints
+
+    ck = TrainCheckpoints(out / "checkpoints")
+    try:
+        step = ck.latest_step()
+        last_logged = max(_losses(out))
+        assert step == last_logged >= 4 and ck.read_meta(step)["data_position"] == step
+    finally:
+        ck.close()
