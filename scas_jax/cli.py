@@ -16,6 +16,7 @@ from scas_jax.errors import ScasError
 COMMAND_MODULES = (
     "scas_jax.convert.commands",  # convert, export
     "scas_jax.pipeline",  # pipeline (the README's main job)
+    "scas_jax.scoring.commands",  # score
     "scas_jax.selection.commands",  # select
     "scas_jax.evaluation.commands",  # verify
     "scas_jax.reporting.commands",  # report

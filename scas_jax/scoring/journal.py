@@ -1,0 +1,133 @@
+"""Crash-safe progress of a scoring run: a journal of finished batches.
+
+The batch plan of a run is a pure function of its inputs and settings
+(:func:`scas_jax.data.packing.plan_batches`), so "how far did we get" is just the set of
+finished batch indices. A run appends one JSON line per finished batch to
+``OUTPUT_DIR/.scas_journal/<fingerprint>.jsonl``::
+
+    {"journal": 1, "fingerprint": "<hex>", "batches": N}          # header, line 1
+    {"batch": k, "items": [[item_index, {field: value, ...}], ...]}  # one per batch
+
+and flushes + fsyncs every line. A restarted run with the same fingerprint reads the
+journal, drops a truncated (or otherwise unreadable) tail, truncates the file back to
+its last complete line, skips the batches it lists and appends the rest. Floats are
+written by ``json.dumps`` (``repr``), which round-trips every float64 exactly, so a
+resumed run produces the same bytes as an uninterrupted one.
+
+The fingerprint (:func:`fingerprint`) hashes everything that changes results; a
+journal written under other settings has another name and is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+JOURNAL_DIR = ".scas_journal"
+JOURNAL_VERSION = 1
+
+
+def file_identity(path: Path) -> list:
+    """``[name, size, mtime_ns]`` of a file, or of every file under a directory (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        out = []
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and JOURNAL_DIR not in p.parts:
+                st = p.stat()
+                out.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
+        return out
+    st = path.stat()
+    return [[path.name, st.st_size, st.st_mtime_ns]]
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """sha256 (first 24 hex digits) of the canonical JSON of ``parts``."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+class Journal:
+    """Append-only record of finished batches for one run fingerprint.
+
+    ``done`` maps batch index -> ``[(item_index, fields), ...]`` as read at open time plus
+    everything recorded since. ``write=False`` (non-main processes of a multi-host run)
+    reads but never writes.
+    """
+
+    def __init__(self, output_dir: Path, fp: str, n_batches: int, write: bool = True):
+        self.path = Path(output_dir) / JOURNAL_DIR / f"{fp}.jsonl"
+        self.fingerprint = fp
+        self.n_batches = n_batches
+        self.write = write
+        self.done: dict[int, list[tuple[int, dict]]] = {}
+        self._fh = None
+        good_end = self._read()
+        self.resumed = len(self.done)
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if good_end == 0:
+                self._fh = open(self.path, "w", encoding="utf-8")
+                self._append({"journal": JOURNAL_VERSION, "fingerprint": fp, "batches": n_batches})
+            else:
+                self._fh = open(self.path, "r+", encoding="utf-8")
+                self._fh.truncate(good_end)  # drop a torn last line before appending
+                self._fh.seek(good_end)
+
+    def _read(self) -> int:
+        """Load finished batches; return the byte offset after the last good line (0: no
+        usable journal)."""
+        if not self.path.exists():
+            return 0
+        with open(self.path, "rb") as f:
+            data = f.read()
+        offset, good_end = 0, 0
+        header_ok = False
+        for raw in data.split(b"\n")[:-1]:  # the part after the last newline is torn
+            offset += len(raw) + 1
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                break
+            if not header_ok:
+                if obj != {"journal": JOURNAL_VERSION, "fingerprint": self.fingerprint,
+                           "batches": self.n_batches}:
+                    return 0
+                header_ok = True
+            else:
+                k = obj.get("batch") if isinstance(obj, dict) else None
+                if not isinstance(k, int) or not 0 <= k < self.n_batches:
+                    break
+                self.done[k] = [(int(i), f) for i, f in obj["items"]]
+            good_end = offset
+        return good_end
+
+    def _append(self, obj: dict) -> None:
+        self._fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def record(self, batch: int, items: Iterable[tuple[int, dict]]) -> None:
+        """Durably record one finished batch."""
+        items = [(int(i), f) for i, f in items]
+        self.done[batch] = items
+        if self._fh is not None:
+            self._append({"batch": batch, "items": [[i, f] for i, f in items]})
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def remove(self) -> None:
+        """Delete the journal (after the outputs are written), and its folder if empty."""
+        self.close()
+        if self.write:
+            self.path.unlink(missing_ok=True)
+            try:
+                self.path.parent.rmdir()
+            except OSError:
+                pass
