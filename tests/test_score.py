@@ -1,0 +1,440 @@
+"""`scas-jax score` and the library scorer: oracle parity, invariance, compile bounds,
+resume after a real kill, and every bad input.
+
+Kept fast on 2 cores: the SmolLM2 student is shared through the session fixture, the
+tiny models use the offline character tokenizer of ``tests/tiny_tokenizer.py``, pools
+are a few GSM8K rows, and budgets are small (few, small compiled shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import tiny_tokenizer
+from test_chat import BARE_ANSWER_TEMPLATE, MISMATCH_TEMPLATE, with_template
+from scas_jax.assets import GSM8K_POOL
+from scas_jax.cli import main as cli_main
+from scas_jax.data.chat import ChatEncoder
+from scas_jax.data.packing import bucket_lengths
+from scas_jax.errors import ScasError
+from scas_jax.parallel import make_mesh
+from scas_jax.scoring.commands import score
+from scas_jax.scoring.core import compiled_stats
+from scas_jax.scoring.fields import ERROR_FIELD, METRIC_FIELDS
+from scas_jax.scoring.journal import JOURNAL_DIR, Journal
+from scas_jax.scoring.scorer import ScoreConfig, prepare, score_rows
+
+TEACHERS = ("human_reference", "gpt3_175b_verification", "gpt3_6b_verification")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gsm8k(teacher: str, n: int, start: int = 0) -> list[dict]:
+    with open(GSM8K_POOL / f"{teacher}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in list(f)[start : start + n]]
+
+
+def write_pool(directory: Path, files: dict[str, list]) -> Path:
+    """``{file name: rows}`` -> JSONL files (a str row is written verbatim)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in files.items():
+        lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows]
+        (directory / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return directory
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def assert_metrics_close(got: dict, want: dict, label="", rel=1e-4, abs_=1e-6) -> None:
+    assert set(METRIC_FIELDS) <= set(got), label
+    for key in METRIC_FIELDS:
+        assert got[key] == pytest.approx(want[key], rel=rel, abs=abs_), (label, key, got[key], want[key])
+    assert (ERROR_FIELD in got) == (ERROR_FIELD in want), label
+
+
+def one_device_mesh():
+    return make_mesh("data=-1", devices=jax.devices()[:1])
+
+
+# ------------------------------------------------------------------ tiny models + tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_tok():
+    return tiny_tokenizer.build()
+
+
+@pytest.fixture(scope="module")
+def tiny_students(tiny_hf_dirs, tiny_tok):
+    """{family: (scas_jax Student with the tiny tokenizer, torch model)} for Qwen2/Qwen3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from scas_jax.loader import load_student
+
+    out = {}
+    for name in ("qwen2_bias", "qwen3_qknorm_tied"):
+        st = dataclasses.replace(load_student(tiny_hf_dirs[name]), tokenizer=tiny_tok)
+        tm = AutoModelForCausalLM.from_pretrained(tiny_hf_dirs[name], dtype=torch.float32).eval()
+        out[name] = (st, tm)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tiny_hf_dirs, tmp_path_factory):
+    """A tiny HF Llama directory with tokenizer files: a complete ``--student DIR``."""
+    d = tmp_path_factory.mktemp("tiny_llama") / "student"
+    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
+    tiny_tokenizer.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_dir):
+    from scas_jax.loader import load_student
+
+    return load_student(tiny_llama_dir)
+
+
+def edge_rows() -> list[dict]:
+    return [
+        {"id": "one", "instruction": "What is 3 + 4?", "teacher_output": "7"},  # 1-char answer
+        {"id": "nosys", "system": "", "instruction": "Add 2 and 2.", "teacher_output": "2 + 2 = 4."},
+        {"id": "bad", "instruction": "", "teacher_output": "x"},  # error row
+    ]
+
+
+@pytest.mark.parametrize("family", ["qwen2_bias", "qwen3_qknorm_tied"])
+def test_tiny_qwen_parity_with_torch_oracle(tiny_students, family):
+    from scas_reference import reference_metrics
+
+    st, torch_model = tiny_students[family]
+    rows = gsm8k("human_reference", 3) + edge_rows()
+    cfg = ScoreConfig(batch_tokens=2048, max_length=1024)
+    got = score_rows(st.params, st.cfg, st.tokenizer, rows, cfg)
+    for row, g in zip(rows, got):
+        want = reference_metrics(torch_model, st.tokenizer, row, lambda_scas=0.5)
+        assert_metrics_close(g, want, f"{family} {row['id']}")
+        if ERROR_FIELD not in want:
+            assert g["answer_mean_nll"] > 1.0 and np.isfinite(g["scas_score"])  # real values
+    assert got[5][ERROR_FIELD].startswith("Missing instruction")
+
+    # an answer of exactly one token: a template that ends right after the answer
+    bare = tiny_tokenizer.build(BARE_ANSWER_TEMPLATE)
+    row = edge_rows()[0]
+    assert ChatEncoder(bare).encode(row).n_answer == 1
+    (one,) = score_rows(st.params, st.cfg, bare, [row], cfg)
+    assert_metrics_close(one, reference_metrics(torch_model, bare, row, 0.5), f"{family} one token")
+    assert one["answer_answer_similarity"] == pytest.approx(1.0)
+    assert one["answer_answer_similarity_no_diag"] == 0.0 and one["answer_mean_nll"] > 1.0
+
+
+# ------------------------------------------------------------------ invariance
+
+
+@pytest.fixture(scope="module")
+def varied_rows():
+    """GSM8K rows of three teachers plus short rows: many different lengths."""
+    rows = [r for t in TEACHERS for r in gsm8k(t, 3)]
+    rows += [{"id": f"s{n}", "instruction": "Say it." * (1 + n % 3), "teacher_output": "ok " * n}
+             for n in (1, 5, 20, 60)]
+    return rows
+
+
+def _metric_matrix(fields: list[dict]) -> np.ndarray:
+    return np.array([[f[k] for k in METRIC_FIELDS] for f in fields])
+
+
+def test_same_scores_on_1_and_8_devices_budgets_and_packing(tiny_students, varied_rows):
+    st, _ = tiny_students["qwen2_bias"]
+    tok = st.tokenizer
+    base_cfg = ScoreConfig(batch_tokens=2048, max_length=512)  # 3 rows > 512: error rows
+    one = make_mesh("data=-1", devices=jax.devices()[:1])
+    eight = make_mesh("data=-1")
+    assert len(jax.devices()) == 8
+
+    fields = score_rows(st.params, st.cfg, tok, varied_rows, base_cfg, mesh=one)
+    assert sum(ERROR_FIELD in f for f in fields) == 3
+    base = _metric_matrix(fields)
+    nll = base[[ERROR_FIELD not in f for f in fields], METRIC_FIELDS.index("answer_mean_nll")]
+    assert np.all(np.isfinite(base)) and len(nll) == 10 and nll.min() > 1.0
+
+    # 8 simulated devices: the same plan shapes up to the row multiple; bitwise equal
+    p8 = prepare(varied_rows, tok, base_cfg, row_multiple=8)
+    assert all(len(p.rows) % 8 == 0 for p in p8.plans)
+    on8 = _metric_matrix(score_rows(st.params, st.cfg, tok, varied_rows, base_cfg, mesh=eight))
+    np.testing.assert_array_equal(on8, base)
+
+    # other batch-token budget: other batches, same per-sequence results (bitwise here)
+    small = dataclasses.replace(base_cfg, batch_tokens=512)
+    assert len(prepare(varied_rows, tok, small).plans) > len(prepare(varied_rows, tok, base_cfg).plans)
+    np.testing.assert_array_equal(
+        _metric_matrix(score_rows(st.params, st.cfg, tok, varied_rows, small, mesh=one)), base)
+
+    # bucketed (one sequence per row) vs packed (up to 16 per row): equal within 1e-5
+    bucketed = dataclasses.replace(base_cfg, max_segments=1)
+    pb, pp = prepare(varied_rows, tok, bucketed), prepare(varied_rows, tok, base_cfg)
+    assert max(len(r) for p in pb.plans for r in p.rows) == 1
+    assert max(len(r) for p in pp.plans for r in p.rows) >= 2  # short rows share a row
+    got = _metric_matrix(score_rows(st.params, st.cfg, tok, varied_rows, bucketed, mesh=one))
+    np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-7)  # not bitwise: another program
+
+
+def test_compilations_bounded_by_buckets(tiny_students):
+    st, _ = tiny_students["qwen3_qknorm_tied"]
+    rows = [{"id": n, "instruction": "Count.", "teacher_output": "a" * n} for n in range(1, 900, 23)]
+    cfg = ScoreConfig(batch_tokens=1024, max_length=1024, max_segments=7)  # own jit cache entry
+    prepared = prepare(rows, st.tokenizer, cfg)
+    lengths = {e.length for e in prepared.encoded}
+    assert len(lengths) == len(rows) >= 39
+    buckets = {p.length for p in prepared.plans}
+    assert buckets == set(bucket_lengths(1024))  # 256, 512, 1024 all used
+    fn = compiled_stats(st.cfg, cfg.max_segments, cfg.target_layer, cfg.dtype, cfg.attn_impl,
+                        cfg.vocab_chunk)
+    assert fn._cache_size() == 0
+    out = score_rows(st.params, st.cfg, st.tokenizer, rows, cfg)
+    assert all(ERROR_FIELD not in f for f in out)
+    assert len(prepared.plans) > len(buckets)
+    assert fn._cache_size() == len(buckets)  # one compilation per bucket, not per length/batch
+
+
+# ------------------------------------------------------------------ SmolLM2 through the command
+
+
+@pytest.mark.slow
+def test_command_matches_torch_oracle_on_smollm2(smollm2_student, smollm2_torch_model, tmp_path):
+    from scas_reference import reference_metrics
+
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 2) for t in TEACHERS[:2]})
+    out = tmp_path / "out"
+    mesh = one_device_mesh()
+    m = score(smollm2_student, pool, out, lambda_scas=0.3, mesh=mesh, batch_tokens=1024,
+              max_length=512, progress=False)
+    assert m["rows"] == 4 and m["errors"] == 0 and m["resumed_batches"] == 0
+    assert not (out / JOURNAL_DIR).exists()
+    tok = smollm2_student.tokenizer
+    for t in TEACHERS[:2]:
+        rows = read_jsonl(out / f"{t}_scas_scores.jsonl")
+        src = gsm8k(t, 2)
+        assert [r["id"] for r in rows] == [r["id"] for r in src]
+        for r, s in zip(rows, src):
+            assert {k: r[k] for k in s} == {**s, "teacher_name": s["teacher_name"]}  # all kept
+            want = reference_metrics(smollm2_torch_model, tok, s, lambda_scas=0.3)
+            assert_metrics_close(r, want, f"{t} {s['id']}")
+            assert r["lambda_scas"] == 0.3 and r["answer_mean_nll"] > 0.1 and r["scas_score"] > 0
+        assert m["teachers"][t]["rows"] == 2 and m["teachers"][t]["tokens"] > 200
+
+    # boundary cases through the library call
+    cfg = ScoreConfig(lambda_scas=0.3, batch_tokens=256, max_length=512)  # one [1, 256] shape
+    short = {"instruction": "What is 3 + 4?", "teacher_output": "7"}
+    for label, tk, row in (("one-token answer", with_template(tok, BARE_ANSWER_TEMPLATE), short),
+                           ("prompt not a prefix", with_template(tok, MISMATCH_TEMPLATE), short),
+                           ("empty system", tok, {**short, "system": ""})):
+        (got,) = score_rows(smollm2_student.params, smollm2_student.cfg, tk, [row], cfg, mesh=mesh)
+        assert_metrics_close(got, reference_metrics(smollm2_torch_model, tk, row, 0.3), label)
+
+
+# ------------------------------------------------------------------ bad inputs
+
+
+@pytest.fixture
+def good_pool(tmp_path):
+    return write_pool(tmp_path / "pool", {"a.jsonl": gsm8k("human_reference", 2)})
+
+
+def test_refusals_before_loading_the_model(tiny_llama_dir, good_pool, tmp_path, monkeypatch):
+    import scas_jax.loader as loader
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(loader, "load_student", no_load)
+    out = tmp_path / "out"
+    for kwargs, message in (
+        (dict(lambda_scas=1.5), "lambda_scas must be in [0, 1], got 1.5"),
+        (dict(lambda_scas=-0.1), "lambda_scas must be in [0, 1]"),
+        (dict(target_layer="layers.-1.attn"), "unknown tap 'layers.-1.attn'"),
+        (dict(target_layer="layers.7.mlp.up_proj"), "layer out of range for a 2-layer model"),
+        (dict(max_length=1), "--max-length must be >= 2"),
+        (dict(dtype="float16"), "--dtype must be one of"),
+    ):
+        with pytest.raises(ScasError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            score(tiny_llama_dir, good_pool, out, **kwargs)
+    with pytest.raises(ScasError, match="no such file or directory"):
+        score(tmp_path / "missing_student", good_pool, out)
+    with pytest.raises(ScasError, match="candidate directory not found"):
+        score(tiny_llama_dir, tmp_path / "nope", out)
+    assert not out.exists()
+
+
+def test_bad_pool_files_fail_with_file_and_line(tiny_llama_dir, tmp_path, capsys):
+    rows = gsm8k("human_reference", 3)
+    bad_json = write_pool(tmp_path / "p1", {"a.jsonl": [rows[0], '{"id": 2, "instruction": ', rows[2]]})
+    with pytest.raises(ScasError, match=r"a\.jsonl:2: malformed JSON"):
+        score(tiny_llama_dir, bad_json, tmp_path / "o1")
+    dup = write_pool(tmp_path / "p2", {"a.jsonl": [rows[0], rows[1], {**rows[2], "id": rows[0]["id"]}]})
+    with pytest.raises(ScasError, match=r"a\.jsonl:3: duplicate id .*first at line 1"):
+        score(tiny_llama_dir, dup, tmp_path / "o2")
+    # the same through the CLI: exit status 2 and the message, no traceback
+    code = cli_main(["score", "--student", str(tiny_llama_dir), "--candidate-dir", str(dup),
+                     "--output-dir", str(tmp_path / "o3")])
+    err = capsys.readouterr().err
+    assert code == 2 and "scas-jax score: error:" in err and "a.jsonl:3: duplicate id" in err
+    code = cli_main(["score", "--student", str(tmp_path / "none.gguf"), "--candidate-dir", str(dup),
+                     "--output-dir", str(tmp_path / "o3"), "--lambda-scas", "0.5"])
+    assert code == 2 and "none.gguf: no such file or directory" in capsys.readouterr().err
+
+
+def test_error_rows_unverified_too_long_and_partial_ids(tiny_llama, tmp_path):
+    a = gsm8k("human_reference", 2)
+    b = gsm8k("gpt3_6b_verification", 4)  # rows 0 and 2 have teacher_correct false
+    assert [r["teacher_correct"] for r in b] == [False, True, False, True]
+    a.append({"id": "no-instruction", "teacher_output": "4", "keep_me": [1, 2]})
+    a.append({"id": "long", "instruction": "Repeat.", "teacher_output": "word " * 300})
+    pool = write_pool(tmp_path / "pool", {"a_teacher_responses.jsonl": a, "b.jsonl": b})
+    out = tmp_path / "out"
+    kw = dict(mesh=one_device_mesh(), batch_tokens=1024, max_length=1024, progress=False)
+    m = score(tiny_llama, pool, out, **kw)
+
+    ta, tb = m["teachers"]["a"], m["teachers"]["b"]
+    assert (ta["rows"], ta["errors"], ta["skipped_unverified"]) == (4, 2, 0)
+    assert (tb["rows"], tb["errors"], tb["skipped_unverified"]) == (2, 0, 2)
+    assert m["errors"] == 2 and m["skipped_unverified"] == 2 and m["rows"] == 6
+    rows_a = read_jsonl(out / "a_scas_scores.jsonl")
+    assert [r["id"] for r in rows_a] == [r["id"] for r in a]
+    miss, long = rows_a[2], rows_a[3]
+    assert miss[ERROR_FIELD] == "Missing instruction or teacher_output/output."
+    assert miss["keep_me"] == [1, 2] and miss["scas_score"] == 0.0 and miss["teacher_name"] == "a"
+    assert "exceeds --max-length 1024" in long[ERROR_FIELD]
+    n_long = int(long[ERROR_FIELD].split()[2])
+    assert n_long > 1024 and long[ERROR_FIELD].startswith(f"sequence of {n_long} tokens")
+    assert all(ERROR_FIELD not in r and r["scas_score"] > 0 for r in rows_a[:2])
+    rows_b = read_jsonl(out / "b_scas_scores.jsonl")
+    assert [r["id"] for r in rows_b] == [b[1]["id"], b[3]["id"]]  # unverified not written
+    assert rows_b[0]["teacher_name"] == "gpt3_6b_verification"  # row-level name kept
+    partial = m["pool"]["partial_ids"]  # ids in only some teachers, from every row read
+    assert set(partial) == {json.dumps(i) for i in (b[2]["id"], b[3]["id"], "no-instruction", "long")}
+    assert partial[json.dumps("long")] == ["a"]
+    assert json.loads((out / "manifest.json").read_text())["pool"]["partial_ids"] == partial
+
+    m2 = score(tiny_llama, pool, tmp_path / "out2", include_unverified=True, **kw)
+    assert m2["teachers"]["b"]["rows"] == 4 and m2["teachers"]["b"]["skipped_unverified"] == 0
+    rows_b2 = read_jsonl(tmp_path / "out2" / "b_scas_scores.jsonl")
+    assert [r["id"] for r in rows_b2] == [r["id"] for r in b]
+    assert rows_b2[0]["teacher_correct"] is False and rows_b2[0]["scas_score"] > 0
+    assert_metrics_close(rows_b2[1], rows_b[0], "same row, other batches", rel=1e-5)
+
+
+def test_skip_existing_leaves_finished_teachers_alone(tiny_llama, tmp_path):
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 2) for t in TEACHERS[:2]})
+    out = tmp_path / "out"
+    kw = dict(mesh=one_device_mesh(), batch_tokens=1024, max_length=1024, progress=False)
+    score(tiny_llama, pool, out, **kw)
+    keep, redo = (out / f"{t}_scas_scores.jsonl" for t in TEACHERS[:2])
+    keep_bytes, keep_mtime, redo_bytes = keep.read_bytes(), keep.stat().st_mtime_ns, redo.read_bytes()
+    redo.unlink()
+    m = score(tiny_llama, pool, out, skip_existing=True, **kw)
+    assert m["teachers"][TEACHERS[0]]["status"] == "existing"
+    assert m["teachers"][TEACHERS[1]]["status"] == "scored" and m["rows"] == 2  # one teacher
+    assert keep.stat().st_mtime_ns == keep_mtime and keep.read_bytes() == keep_bytes
+    assert redo.read_bytes() == redo_bytes
+    m = score(tiny_llama, pool, out, skip_existing=True, **kw)  # nothing left to do
+    assert m["rows"] == 0 and {t["status"] for t in m["teachers"].values()} == {"existing"}
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_journal_drops_a_torn_last_line(tmp_path):
+    j = Journal(tmp_path, "fp", n_batches=3)
+    j.record(0, [(0, {"x": 0.1 + 0.2})])
+    j.record(2, [(1, {"x": float("nan")}), (2, {"x": 1e-300})])
+    j.close()
+    with open(j.path, "a", encoding="utf-8") as f:
+        f.write('{"batch": 1, "items": [[3, {"x": 1.')  # killed mid-write
+    j2 = Journal(tmp_path, "fp", n_batches=3)
+    assert j2.resumed == 2 and set(j2.done) == {0, 2}
+    assert j2.done[0][0][1]["x"] == 0.1 + 0.2 and j2.done[2][1][1]["x"] == 1e-300
+    j2.record(1, [(3, {"x": 2.0})])
+    j2.close()
+    j3 = Journal(tmp_path, "fp", n_batches=3)
+    assert set(j3.done) == {0, 1, 2} and j3.done[1] == [(3, {"x": 2.0})]
+    assert Journal(tmp_path / "other", "fp", n_batches=4).resumed == 0  # another run: fresh
+    j3.remove()
+    assert not j3.path.exists() and not j3.path.parent.exists()
+
+
+def _score_cmd(student: Path, pool: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "scas_jax", "score", "--student", str(student),
+            "--candidate-dir", str(pool), "--output-dir", str(out), "--limit", "4",
+            "--batch-tokens", "512", "--max-length", "1024", "--lambda-scas", "0.4"]
+
+
+def _env(delay: float = 0.0) -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    if delay:
+        env["SCAS_JAX_BATCH_DELAY"] = str(delay)
+    return env
+
+
+def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 6) for t in TEACHERS})
+    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    # the uninterrupted run, concurrently with the run we kill (which mostly sleeps)
+    ref = subprocess.Popen(_score_cmd(tiny_llama_dir, pool, ref_out), env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen(_score_cmd(tiny_llama_dir, pool, out), env=_env(delay=0.4),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal_dir = out / JOURNAL_DIR
+    deadline = time.time() + 120
+    lines = 0
+    while time.time() < deadline and victim.poll() is None:
+        files = list(journal_dir.glob("*.jsonl")) if journal_dir.exists() else []
+        if files:
+            lines = files[0].read_bytes().count(b"\n")
+            if lines >= 3:  # header + at least 2 finished batches
+                break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert not list(out.glob("*_scas_scores.jsonl")) and not (out / "manifest.json").exists()
+    (journal,) = journal_dir.glob("*.jsonl")
+    journaled = journal.read_bytes().count(b"\n") - 1
+    assert journaled >= 2
+
+    stdout, stderr = ref.communicate(timeout=300)
+    assert ref.returncode == 0, stderr
+    resumed = subprocess.run(_score_cmd(tiny_llama_dir, pool, out), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+    m_ref = json.loads((ref_out / "manifest.json").read_text())
+    m = json.loads((out / "manifest.json").read_text())
+    assert m_ref["resumed_batches"] == 0 and m_ref["scored_batches"] == m_ref["batches"] >= 6
+    assert m["resumed_batches"] == journaled  # journaled batches were not redone
+    assert m["scored_batches"] == m["batches"] - journaled == m_ref["batches"] - journaled
+    assert m["fingerprint"] == m_ref["fingerprint"]
+    names = sorted(p.name for p in ref_out.glob("*_scas_scores.jsonl"))
+    assert names == sorted(f"{t}_scas_scores.jsonl" for t in TEACHERS)
+    for name in names:
+        assert (out / name).read_bytes() == (ref_out / name).read_bytes(), name
+    assert not journal_dir.exists()  # deleted once the outputs are written
+    assert "scoring" in stderr and "tok/s" in stderr  # the progress bar
+    rows = read_jsonl(out / names[0])
+    assert rows and all(r["lambda_scas"] == 0.4 for r in rows)
