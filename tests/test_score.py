@@ -345,6 +345,9 @@ def test_skip_existing_leaves_finished_teachers_alone(tiny_llama, tmp_path):
     score(tiny_llama, pool, out, **kw)
     keep, redo = (out / f"{t}_scas_scores.jsonl" for t in TEACHERS[:2])
     keep_bytes, keep_mtime, redo_bytes = keep.read_bytes(), keep.stat().st_mtime_ns, redo.read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert keep.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     redo.unlink()
     m = score(tiny_llama, pool, out, skip_existing=True, **kw)
     assert m["teachers"][TEACHERS[0]]["status"] == "existing"
