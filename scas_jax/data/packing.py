@@ -17,7 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# Short sequences share 1024-token rows: with segment-aware blockwise attention a long
+# packed row costs little more than its sequences alone, and one shape fills batches.
+DEFAULT_BUCKETS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ Implementations:
   short rows and for training.
 - ``blockwise``: flash-style online softmax over ``block`` x ``block`` tiles, never
   holding more than ``[batch, heads, block, block]`` scores; key blocks past the
-  diagonal are skipped. Forward only (scoring, evaluation).
+  diagonal, before the earliest segment start of a query block (packed rows) or
+  outside the sliding window are skipped. Forward only (scoring, evaluation).
 - ``auto``: ``blockwise`` when ``seq > 2 * block``, else ``xla``.
 """
 
@@ -22,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
-BLOCK = 512
+BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
 
 
 def _allowed(q_seg, k_seg, q_idx, k_idx, sliding_window):
@@ -64,6 +65,13 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
     qg = _grouped(q, kvh) * jnp.asarray(d**-0.5, q.dtype)
+    # index where each position's contiguous segment starts: key blocks before the
+    # earliest start in a query block (over the batch) are fully masked and skipped
+    idx = jnp.arange(n * block)
+    boundary = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    seg_start = jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
+    first_block = seg_start.reshape(b, n, block).min(axis=(0, 2)) // block  # [n]
 
     def one_query_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(qg, i * block, block, axis=1)
@@ -93,7 +101,10 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
             jnp.zeros((b, kvh, g, block), jnp.float32),
             jnp.zeros((b, block, kvh, g, d), jnp.float32),
         )
-        m, l, acc = jax.lax.fori_loop(0, i + 1, body, init)
+        lo = first_block[i]
+        if sliding_window is not None:
+            lo = jnp.maximum(lo, (i * block - sliding_window + 1) // block)
+        m, l, acc = jax.lax.fori_loop(jnp.maximum(lo, 0), i + 1, body, init)
         return acc / jnp.moveaxis(l, -1, 1)[..., None]
 
     out = jax.lax.map(one_query_block, jnp.arange(n))  # [n, b, block, kvh, g, d]
