@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
-from scas_jax.models.decoder import lm_head_kernel
 
 
 def target_logprobs(
@@ -24,7 +23,10 @@ def target_logprobs(
     that *predicts* ``targets [batch, seq]`` (shift before calling).
     """
     b, t, d = hidden.shape
-    w = lm_head_kernel(params, cfg).astype(hidden.dtype)
+    if cfg.tie_word_embeddings:  # contract with the embedding directly: no [d, vocab] transpose
+        w, spec = params["embed_tokens"]["embedding"].astype(hidden.dtype), "bcd,vd->bcv"
+    else:
+        w, spec = params["lm_head"]["kernel"].astype(hidden.dtype), "bcd,dv->bcv"
     chunk = min(chunk, t)
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -33,7 +35,7 @@ def target_logprobs(
 
     @jax.checkpoint
     def one(hc, yc):
-        logits = jnp.einsum("bcd,dv->bcv", hc, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
         return tgt - lse
