@@ -195,19 +195,18 @@ def test_same_scores_on_1_and_8_devices_budgets_and_packing(tiny_students, varie
 
 def test_compilations_bounded_by_buckets(tiny_students):
     st, _ = tiny_students["qwen3_qknorm_tied"]
-    rows = [{"id": n, "instruction": "Count.", "teacher_output": "a" * n} for n in range(1, 900, 23)]
-    cfg = ScoreConfig(batch_tokens=1024, max_length=1024, max_segments=7)  # own jit cache entry
+    rows = [{"id": n, "instruction": "Count.", "teacher_output": "a" * n} for n in range(1, 3000, 75)]
+    cfg = ScoreConfig(batch_tokens=4096, max_length=4096, max_segments=7)  # own jit cache entry
     prepared = prepare(rows, st.tokenizer, cfg)
-    lengths = {e.length for e in prepared.encoded}
-    assert len(lengths) == len(rows) >= 39
+    assert len({e.length for e in prepared.encoded}) == len(rows) == 40
     buckets = {p.length for p in prepared.plans}
-    assert buckets == set(bucket_lengths(1024))  # 256, 512, 1024 all used
+    assert len(buckets) >= 2 and buckets <= set(bucket_lengths(4096))
+    assert len(prepared.plans) > len(buckets)
     fn = compiled_stats(st.cfg, cfg.max_segments, cfg.target_layer, cfg.dtype, cfg.attn_impl,
                         cfg.vocab_chunk)
     assert fn._cache_size() == 0
     out = score_rows(st.params, st.cfg, st.tokenizer, rows, cfg)
-    assert all(ERROR_FIELD not in f for f in out)
-    assert len(prepared.plans) > len(buckets)
+    assert all(ERROR_FIELD not in f and f["answer_mean_nll"] > 0 for f in out)
     assert fn._cache_size() == len(buckets)  # one compilation per bucket, not per length/batch
 
 
@@ -255,7 +254,8 @@ def good_pool(tmp_path):
     return write_pool(tmp_path / "pool", {"a.jsonl": gsm8k("human_reference", 2)})
 
 
-def test_refusals_before_loading_the_model(tiny_llama_dir, good_pool, tmp_path, monkeypatch):
+def test_refusals_before_loading_the_model(tiny_llama_dir, tiny_hf_dirs, good_pool, tmp_path,
+                                           monkeypatch):
     import scas_jax.loader as loader
 
     def no_load(*a, **k):
@@ -275,6 +275,8 @@ def test_refusals_before_loading_the_model(tiny_llama_dir, good_pool, tmp_path, 
             score(tiny_llama_dir, good_pool, out, **kwargs)
     with pytest.raises(ScasError, match="no such file or directory"):
         score(tmp_path / "missing_student", good_pool, out)
+    with pytest.raises(ScasError, match="no tokenizer files"):
+        score(tiny_hf_dirs["llama_tied_bias"], good_pool, out)  # weights without a tokenizer
     with pytest.raises(ScasError, match="candidate directory not found"):
         score(tiny_llama_dir, tmp_path / "nope", out)
     assert not out.exists()
@@ -382,7 +384,7 @@ def test_journal_drops_a_torn_last_line(tmp_path):
 
 def _score_cmd(student: Path, pool: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "scas_jax", "score", "--student", str(student),
-            "--candidate-dir", str(pool), "--output-dir", str(out), "--limit", "4",
+            "--candidate-dir", str(pool), "--output-dir", str(out), "--limit", "8",
             "--batch-tokens", "512", "--max-length", "1024", "--lambda-scas", "0.4"]
 
 
@@ -395,7 +397,7 @@ def _env(delay: float = 0.0) -> dict:
 
 
 def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
-    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 6) for t in TEACHERS})
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 8) for t in TEACHERS})
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
     # the uninterrupted run, concurrently with the run we kill (which mostly sleeps)
     ref = subprocess.Popen(_score_cmd(tiny_llama_dir, pool, ref_out), env=_env(),
@@ -429,8 +431,8 @@ def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
 
     m_ref = json.loads((ref_out / "manifest.json").read_text())
     m = json.loads((out / "manifest.json").read_text())
-    assert m_ref["resumed_batches"] == 0 and m_ref["scored_batches"] == m_ref["batches"] >= 6
-    assert m["resumed_batches"] == journaled  # journaled batches were not redone
+    assert m_ref["resumed_batches"] == 0 and m_ref["scored_batches"] == m_ref["batches"] >= 4
+    assert m["resumed_batches"] == journaled < m["batches"]  # journaled batches not redone
     assert m["scored_batches"] == m["batches"] - journaled == m_ref["batches"] - journaled
     assert m["fingerprint"] == m_ref["fingerprint"]
     names = sorted(p.name for p in ref_out.glob("*_scas_scores.jsonl"))

@@ -48,17 +48,36 @@ def _check_settings(lambda_scas: float, target_layer: str, batch_tokens: int, ma
     return lam
 
 
-def _student_num_layers(path: Path) -> int:
-    """The number of decoder layers from the student's config alone (no tensors read)."""
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _student_preflight(path: Path, target_layer: str) -> int | None:
+    """The student's number of decoder layers, from its config alone (no tensors read);
+    ScasError when a checkpoint directory has no tokenizer files (a GGUF carries one).
+
+    For a GGUF file and a tap on layer 0 or -1 (valid for any depth) it returns None
+    without parsing the file (a GGUF header with its vocabulary takes seconds to read).
+    """
     from scas_jax.convert import checkpoint
+    from scas_jax.convert.sources import find_gguf
 
     if checkpoint.is_converted(path):
-        return int(checkpoint.read_meta(path)["model_config"]["num_layers"])
-    from scas_jax.convert.sources import open_source
-    from scas_jax.models.config import config_from_hf
+        n = int(checkpoint.read_meta(path)["model_config"]["num_layers"])
+        tok_dir = path
+    elif (find_gguf(path) is not None and not (path / "config.json").exists()
+          and target_layer.split(".")[1] in ("0", "-1")):
+        return None
+    else:
+        from scas_jax.convert.sources import open_source
+        from scas_jax.models.config import config_from_hf
 
-    source = open_source(path)
-    return config_from_hf(source.hf_config, where=source.config_where).num_layers
+        source = open_source(path)
+        n = config_from_hf(source.hf_config, where=source.config_where).num_layers
+        tok_dir = source.tokenizer_dir
+    if tok_dir is not None and not any((Path(tok_dir) / f).exists() for f in _TOKENIZER_FILES):
+        raise ScasError(f"student {path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); "
+                        "SCAS needs the student's tokenizer and chat template")
+    return n
 
 
 def _resolve_mesh(mesh: Any):
@@ -178,8 +197,9 @@ def score(
         student_path = resolve_path(student)
         if not student_path.exists():
             raise ScasError(f"student {student_path}: no such file or directory")
-        num_layers = _student_num_layers(student_path)
-    parse_tap(target_layer, num_layers)
+        num_layers = _student_preflight(student_path, target_layer)
+    if num_layers is not None:
+        parse_tap(target_layer, num_layers)
     pool = read_pool(candidate_dir, include_unverified=include_unverified, limit=limit)
     output_dir = Path(output_dir)
 
@@ -244,6 +264,7 @@ def score(
         params = st.params
     if st.tokenizer is None:
         raise ScasError(f"student {st.source}: no tokenizer found beside the checkpoint")
+    parse_tap(target_layer, st.cfg.num_layers)
 
     from scas_jax.scoring.scorer import iter_scored_batches, prepare
 
