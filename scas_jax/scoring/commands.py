@@ -111,13 +111,6 @@ def _prepared_digest(prepared) -> str:
     return h.hexdigest()
 
 
-def _umask_mode(path: Path) -> None:
-    """Give a file written through a temp file (mkstemp: 0600) the usual 0666 & ~umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
 def _agree_on_done(journal, n_batches: int) -> set[int]:
     """The batches to skip: process 0's journal, broadcast so every host skips the same
     batches (each global batch is one collective computation)."""
@@ -248,7 +241,6 @@ def score(
             from scas_jax.io_utils import write_json_atomic
 
             write_json_atomic(output_dir / MANIFEST, manifest)
-            _umask_mode(output_dir / MANIFEST)
         return manifest
 
     # ---- the model: loaded only now, after every check passed
@@ -364,9 +356,7 @@ def score(
 
         for teacher, rows in per_teacher.items():
             write_jsonl_atomic(outputs[teacher], rows)
-            _umask_mode(outputs[teacher])
         write_json_atomic(output_dir / MANIFEST, manifest)
-        _umask_mode(output_dir / MANIFEST)
     journal.remove()
     return manifest
 

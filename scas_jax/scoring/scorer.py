@@ -98,15 +98,24 @@ def iter_scored_batches(
     seqs = {i: _as_seq(e) for i, e in enumerate(prepared.encoded) if not isinstance(e, str)}
     todo = [k for k in range(len(prepared.plans)) if not skip(k)]
 
+    n_proc, pid = jax.process_count(), jax.process_index()
+
     def build(k):
         arrays = materialise(prepared.plans[k], seqs, _SEQ_KEYS)
         if mesh is not None:
             from scas_jax.parallel import shard_batch
 
+            if n_proc > 1:  # each host feeds its own contiguous slice of the batch rows
+                per = len(prepared.plans[k].rows) // n_proc
+                arrays = {n: v[pid * per : (pid + 1) * per] for n, v in arrays.items()}
             return shard_batch(mesh, arrays)
         return arrays
 
     def finish(k, out):
+        if n_proc > 1:
+            from jax.experimental import multihost_utils
+
+            out = multihost_utils.process_allgather(out, tiled=True)
         host = {name: np.asarray(v) for name, v in out.items()}
         plan = prepared.plans[k]
         slots = [(r * cfg.max_segments + s, item)
