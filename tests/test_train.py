@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.errors import ScasError
-from scas_jax.models.config import config_from_hf, tiny_config
+from scas_jax.models.config import tiny_config
 from scas_jax.models.decoder import forward, init_params
 from scas_jax.parallel import make_mesh
 from scas_jax.training import step as st
@@ -26,64 +25,12 @@ from scas_jax.training.config import TrainConfig, load_config
 from scas_jax.training.data import (
     BatchStream, example_from_ids, load_examples, pack_rows,
 )
+from tiny_chat import arithmetic_rows, char_tokenizer, make_student_dir, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def char_tokenizer(out: Path):
-    """A character-level fast tokenizer with a ChatML template (vocab 99)."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    chars = list(string.ascii_letters + string.digits + string.punctuation + " \n")
-    vocab = {t: i for i, t in enumerate(specials + chars)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>",
-                                  additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    tok.save_pretrained(str(out))
-    return tok
-
-
-TINY_HF = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-               rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512,
-               tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
-
-
-def make_student_dir(out: Path, seed: int = 0) -> Path:
-    """A converted tiny llama (vocab 128) with the char tokenizer."""
-    from scas_jax.convert import checkpoint
-
-    out.mkdir(parents=True)
-    cfg = config_from_hf(TINY_HF)
-    params = init_params(cfg, jax.random.PRNGKey(seed))
-    checkpoint.save_params(out / "params", params)
-    checkpoint.write_meta(out, cfg, dict(TINY_HF), "float32", "test")
-    char_tokenizer(out)
-    return out
-
-
-def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        a, b = (int(x) for x in rng.integers(0, 50, size=2))
-        rows.append({"id": i, "system": "Add.", "instruction": f"{a}+{b}?", "output": f"{a + b}"})
-    return rows
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def synthetic_stream(n=48, vocab=64, seq_len=64, batch_size=8, seed=0):
@@ -127,8 +74,8 @@ def test_config_errors(tmp_path):
         load_config(None, ["batch_size=abc"])
     with pytest.raises(ScasError, match="not a multiple of grad_accum"):
         load_config(None, ["batch_size=6", "grad_accum=4"])
-    with pytest.raises(ScasError, match="dynamic.*not implemented"):
-        load_config(None, ["selection=dynamic"]).require_static()
+    with pytest.raises(ScasError, match="dynamic_strategy 'best' is not one of min, groups"):
+        load_config(None, ["selection=dynamic", "dynamic_strategy=best"])
 
 
 # ------------------------------------------------------------------ data

@@ -16,9 +16,12 @@ def _train_cmd(args: argparse.Namespace) -> int:
         overrides.append(f"eval_data={args.eval_data}")
     if args.dataset:
         overrides.append(f"dataset={args.dataset}")
+    if args.candidate_dir and not args.data and not any(o.split("=", 1)[0].endswith("selection")
+                                                        for o in overrides):
+        overrides.insert(0, "selection=dynamic")  # --candidate-dir implies dynamic selection
     summary = train(
         args.student, args.data, args.output_dir, args.config, overrides,
-        resume=args.resume, export_hf=args.export_hf, progress=not args.no_progress,
+        candidate_dir=args.candidate_dir, resume=args.resume, export_hf=args.export_hf, progress=not args.no_progress,
     )
     if summary.get("interrupted"):
         print(f"interrupted by {summary['interrupted']}: checkpoint saved at step "
@@ -26,16 +29,26 @@ def _train_cmd(args: argparse.Namespace) -> int:
         return EXIT_ON_SIGNAL.get(summary["interrupted"], 1)
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     d = summary["data"]
-    print(f"data: {d['examples']} sequences trained on ({d['rows']} rows, {d['errors']} without an "
-          f"answer, {d['dropped_long']} dropped as longer than seq_len)")
+    if "questions" in d:
+        print(f"candidates: {d['questions']} questions, {d['candidates']} candidates "
+              f"({d['rows_read']} rows read; skipped: " + ", ".join(
+                  f"{k}={v}" for k, v in d.items() if k not in ("questions", "candidates", "rows_read"))
+              + ")")
+    else:
+        print(f"data: {d['examples']} sequences trained on ({d['rows']} rows, {d['errors']} without an "
+              f"answer, {d['dropped_long']} dropped as longer than seq_len)")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune the student on SFT JSONL (e.g. select's output)")
     p.add_argument("--student", default="smollm2", help="converted dir, HF dir, GGUF or 'smollm2'")
-    p.add_argument("--data", required=True,
-                   help="SFT JSONL (system/instruction/output) or a LLaMA-Factory dataset_info.json")
+    p.add_argument("--data", default=None,
+                   help="SFT JSONL (system/instruction/output) or a LLaMA-Factory dataset_info.json "
+                        "(selection=static)")
+    p.add_argument("--candidate-dir", default=None,
+                   help="teacher candidate directory: re-score and select during training "
+                        "(selection=dynamic, implied when --data is absent)")
     p.add_argument("--dataset", default=None, help="dataset name inside dataset_info.json")
     p.add_argument("--output-dir", required=True, help="checkpoints, metrics and the final model")
     p.add_argument("--config", default=None, help="YAML (see configs/train/default.yaml)")

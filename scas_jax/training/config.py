@@ -20,6 +20,8 @@ from scas_jax.errors import ScasError
 SCHEDULES = ("cosine", "constant")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 SELECTIONS = ("static", "dynamic")
+DYNAMIC_STRATEGIES = ("min", "groups")
+DEFAULT_TARGET_LAYER = "layers.-1.mlp.up_proj"  # = scas_jax.scoring.core.DEFAULT_TAP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,9 +68,22 @@ class TrainConfig:
     max_to_keep: int = 3
     log_every: int = 1
     peak_tflops_per_device: float = 0.0  # for MFU; 0: guess from the device kind
-    # selection: static trains on a fixed file; dynamic re-scores every rescore_every steps
+    # selection: static trains on a fixed file (--data); dynamic (--candidate-dir) re-scores
+    # the candidates of the next rescore_every steps' questions with the current params
     selection: str = "static"
     rescore_every: int = 100
+    questions_per_step: int = 0  # dynamic: questions per step; 0 = batch_size
+    dynamic_strategy: str = "min"  # min | groups (as `scas-jax select`)
+    num_groups: int = 5
+    selected_group: int = 1
+    selection_seed: int = 42  # groups: random.Random(selection_seed + rescoring event index)
+    score_key: str = "scas_score"
+    lambda_scas: float = 0.5
+    target_layer: str = DEFAULT_TARGET_LAYER
+    include_unverified: bool = False  # dynamic: also candidates flagged teacher_correct=false
+    score_batch_tokens: int = 8192
+    score_max_segments: int = 16
+    score_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,7 +102,23 @@ class TrainConfig:
                      "log_every", "checkpoint_every", "rescore_every", "logits_chunk"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "eval_every", "max_to_keep"):
+        if self.dynamic_strategy not in DYNAMIC_STRATEGIES:
+            raise bad(f"dynamic_strategy {self.dynamic_strategy!r} is not one of {', '.join(DYNAMIC_STRATEGIES)}")
+        if self.score_dtype not in COMPUTE_DTYPES:
+            raise bad(f"score_dtype {self.score_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if self.num_groups < 1 or not 1 <= self.selected_group <= self.num_groups:
+            raise bad(f"selected_group must be in 1..num_groups (num_groups={self.num_groups}, "
+                      f"selected_group={self.selected_group})")
+        if not 0.0 <= self.lambda_scas <= 1.0:
+            raise bad(f"lambda_scas must be in [0, 1], got {self.lambda_scas}")
+        from scas_jax.scoring.fields import METRIC_FIELDS
+
+        if self.score_key not in METRIC_FIELDS:
+            raise bad(f"score_key {self.score_key!r} is not a scoring field ({', '.join(METRIC_FIELDS)})")
+        for name in ("score_batch_tokens", "score_max_segments"):
+            if getattr(self, name) < 1:
+                raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "eval_every", "max_to_keep", "questions_per_step"):
             if getattr(self, name) < 0:
                 raise bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
@@ -102,13 +133,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def require_static(self) -> None:
-        """Dynamic selection is part of the issue still to come; say so plainly."""
-        if self.selection == "dynamic":
-            raise ScasError(
-                "train config: selection 'dynamic' (in-training re-scoring) is not implemented "
-                "yet; use selection=static with a selected SFT file"
-            )
+    @property
+    def step_questions(self) -> int:
+        """Dynamic selection: questions consumed per optimiser step."""
+        return self.questions_per_step or self.batch_size
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

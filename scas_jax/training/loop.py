@@ -12,7 +12,9 @@ Output directory::
 Exact resume: the state (params, optimiser state, step) and the data position are
 restored from the latest committed checkpoint; batches are a pure function of the step
 index (see data.py), so the steps after the resume point see the same batches and
-produce the same losses and parameters as an uninterrupted run.
+produce the same losses and parameters as an uninterrupted run. With ``selection:
+dynamic`` (dynamic.py) batches also depend on the current chunk's choices, which the
+checkpoint meta holds; a resume at a chunk boundary re-scores with the restored params.
 """
 
 from __future__ import annotations
@@ -90,23 +92,58 @@ def save_final(out: Path, student, params) -> Path:
     return out
 
 
-def _meta(cfg: TrainConfig, student, step: int, fingerprint: str) -> dict[str, Any]:
-    return {"step": step, "data_position": step, "data_fingerprint": fingerprint,
+def _meta(cfg: TrainConfig, student, step: int, fingerprint: str, stream) -> dict[str, Any]:
+    meta = {"step": step, "data_position": step, "data_fingerprint": fingerprint,
             "config": cfg.to_dict(), "model_config": student.cfg.to_dict()}
+    if cfg.selection == "dynamic":
+        meta["dynamic_chunk"] = stream.state()
+    return meta
+
+
+def check_sources(cfg: TrainConfig, data, candidate_dir) -> None:
+    """``static`` needs ``--data``, ``dynamic`` needs ``--candidate-dir``; never both."""
+    if data and candidate_dir:
+        raise ScasError("give either --data (selection=static) or --candidate-dir "
+                        "(selection=dynamic), not both")
+    if cfg.selection == "dynamic" and not candidate_dir:
+        raise ScasError("selection=dynamic needs --candidate-dir POOL (the teacher candidate "
+                        "directory), not --data")
+    if cfg.selection == "static" and not data:
+        hint = " (or set selection=dynamic)" if candidate_dir else ""
+        raise ScasError(f"selection=static needs --data FILE{hint}")
+
+
+class _Clock:
+    """Wall seconds of training steps vs scoring, for the selection cost."""
+
+    def __init__(self):
+        self.train = 0.0
+        self.score = 0.0
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        out, self._t = now - self._t, now
+        return out
+
+    def fraction(self) -> float | None:
+        return self.score / self.train if self.train > 0 else None
 
 
 def train(
     student,
-    data: str | Path,
+    data: str | Path | None,
     output_dir: str | Path,
     config: TrainConfig | str | Path | None = None,
     overrides: Sequence[str] = (),
     *,
+    candidate_dir: str | Path | None = None,
     resume: bool = False,
     export_hf: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune ``student`` (a path or a loaded Student) on SFT ``data``; see module docs.
+    """Fine-tune ``student`` (a path or a loaded Student) on SFT ``data`` (static), or on the
+    answers chosen during training from ``candidate_dir`` (dynamic); see module docs.
 
     Returns a summary: steps run, final step, last loss, eval loss, data stats, paths,
     and ``interrupted`` (the signal name when SIGINT/SIGTERM stopped the run).
@@ -129,13 +166,17 @@ def train(
                 )
             meta = None
             cfg = resolve_config(config, overrides)
-        cfg.require_static()
-        return _run(student, data, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
+        check_sources(cfg, data, candidate_dir)
+    finally:
+        ckpts.close()
+    ckpts = TrainCheckpoints(output_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
+    try:
+        return _run(student, data, candidate_dir, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
     finally:
         ckpts.close()
 
 
-def _run(student, data, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoints,
+def _run(student, data, candidate_dir, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoints,
          meta: dict | None, latest: int | None, export_hf, progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -147,12 +188,23 @@ def _run(student, data, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoi
             f"a multiple of the mesh's data*fsdp size {div} (mesh {cfg.mesh!r})"
         )
     student = _load_student(student, mesh)
-    examples, stats = load_examples(data, student.tokenizer, cfg.seq_len, cfg.drop_long, cfg.dataset)
+    dynamic = cfg.selection == "dynamic"
+    if dynamic:
+        from scas_jax.training.dynamic import DynamicStream, load_candidates
+
+        pool = load_candidates(candidate_dir, student.tokenizer, cfg)
+        data_stats: dict[str, Any] = pool.stats
+    else:
+        examples, stats = load_examples(data, student.tokenizer, cfg.seq_len, cfg.drop_long, cfg.dataset)
+        data_stats = stats.to_dict()
     eval_sets = None
     if cfg.eval_data:
         ev, _ = load_examples(cfg.eval_data, student.tokenizer, cfg.seq_len, cfg.drop_long)
         eval_sets = eval_batches(ev, cfg.seq_len, cfg.micro_batch, cfg.max_segments)
-    stream = BatchStream(examples, cfg.seq_len, cfg.batch_size, cfg.max_segments, cfg.seed)
+    if dynamic:
+        stream = DynamicStream(pool, cfg, student.cfg, mesh)
+    else:
+        stream = BatchStream(examples, cfg.seq_len, cfg.batch_size, cfg.max_segments, cfg.seed)
     total_steps = cfg.steps or stream.steps_for_epochs(cfg.epochs)
     schedule = st.lr_schedule(cfg, total_steps)
     optimizer = st.make_optimizer(cfg, total_steps)
@@ -163,10 +215,12 @@ def _run(student, data, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoi
         if meta.get("data_fingerprint") != stream.fingerprint():
             raise ScasError(
                 f"{ckpts.directory}: the checkpoint was trained on different data "
-                "(fingerprint mismatch); resume with the same --data and tokenizer"
+                "(fingerprint mismatch); resume with the same --data/--candidate-dir and tokenizer"
             )
         state = ckpts.restore_state(latest, abstract_like(state, shardings))
         start = int(meta["data_position"])
+        if dynamic:
+            stream.restore(meta.get("dynamic_chunk"))
     main = is_main_process()
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -194,8 +248,25 @@ def _run(student, data, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoi
     step = start
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     window_tokens, window_t0 = 0, time.perf_counter()
+    clock = _Clock()
+    events = 0
+
+    def rescore(step: int) -> None:
+        jax.block_until_ready(state.params)  # the previous steps count as training time
+        clock.train += clock.lap()
+        event = stream.rescore(step, state.params, total_steps)
+        clock.score += clock.lap()
+        event["score_fraction_so_far"] = clock.fraction()
+        from scas_jax.training.dynamic import share_scalars
+
+        writer.write_event(step + 1, {"event": "rescore", **event}, share_scalars(event))
+        bar.set_postfix_str(f"rescored {event['candidates']} candidates in {event['score_seconds']:.1f}s")
+
     with stop.installed():
         for step in range(start, total_steps):
+            if dynamic and stream.needs_rescore(step):
+                rescore(step)
+                events += 1
             host = stream.batch(step)
             real_tokens = int((host["segment_ids"] > 0).sum())
             state, metrics = step_fn(state, st.put_batch(st.to_step_batch(host, cfg.grad_accum), mesh))
@@ -214,21 +285,32 @@ def _run(student, data, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoi
                 window_tokens, window_t0 = 0, now
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or stop.signal:
-                ckpts.save(done, state, _meta(cfg, student, done, fingerprint))
+                jax.block_until_ready(state.params)
+                clock.train += clock.lap()
+                ckpts.save(done, state, _meta(cfg, student, done, fingerprint, stream))
+                clock.lap()
                 saved_at = done
             if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                clock.train += clock.lap()
                 eval_loss = evaluate(done)
+                clock.lap()
             if stop.signal:
                 break
     bar.close()
     final_step = int(jax.device_get(state.step))
+    clock.train += clock.lap()
     if saved_at != final_step:
-        ckpts.save(final_step, state, _meta(cfg, student, final_step, fingerprint))
+        ckpts.save(final_step, state, _meta(cfg, student, final_step, fingerprint, stream))
     summary: dict[str, Any] = {
         "steps_run": final_step - start, "final_step": final_step, "total_steps": total_steps,
         "resumed_from": start if meta is not None else None, "last_loss": last_loss,
-        "data": stats.to_dict(), "output_dir": str(output_dir), "interrupted": stop.signal,
+        "data": data_stats, "output_dir": str(output_dir), "interrupted": stop.signal,
     }
+    if dynamic:
+        summary["selection"] = {
+            "rescore_events": events, "score_seconds": clock.score, "train_seconds": clock.train,
+            "score_fraction": clock.fraction(), "overflow_dropped": stream.overflow_dropped,
+        }
     if stop.signal:
         writer.close()
         return summary

@@ -95,6 +95,18 @@ class MetricsWriter:
             if isinstance(v, (int, float)) and v is not None:
                 self.tb.add_scalar(k.replace("eval_", "eval/") if k.startswith("eval_") else f"train/{k}", v, step)
 
+    def write_event(self, step: int, record: dict[str, Any], scalars: dict[str, float],
+                    prefix: str = "selection") -> None:
+        """One JSON line ``{"step": step, **record}`` (nested values allowed) and the
+        ``scalars`` as TensorBoard ``<prefix>/<name>``."""
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **record}) + "\n")
+        self.file.flush()
+        for k, v in scalars.items():
+            if v is not None:
+                self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()
