@@ -1,8 +1,15 @@
-"""``scas-jax pipeline``: the main job, end to end on the embedded default.
+"""``scas-jax pipeline``: the main job end to end, on the embedded default.
 
-Today: convert the bundled SmolLM2-135M-Instruct into ``OUT/student`` (once; reused on
-later runs) and print a forward-pass sanity report on GSM8K pool rows: per-row answer
-NLL and next-token accuracy of the student on the human reference answers.
+Stages (each skipped when its output is already there, so a rerun resumes):
+
+1. convert the student (default: the bundled SmolLM2-135M-Instruct GGUF) -> ``OUT/student``
+2. take the first ``questions`` GSM8K questions of the bundled pool -> ``OUT/pool``
+3. verify every answer with the rule-based judge -> ``OUT/verified``
+4. score every verified answer with the student (SCAS) -> ``OUT/scored``
+5. select: SCAS ``min`` and the ``strongest``-teacher baseline -> ``OUT/selections``
+6. report -> ``OUT/report/report.md``
+7. fine-tune on the SCAS selection for ``train_steps`` steps and export to Hugging
+   Face -> ``OUT/train``, ``OUT/train/hf``
 """
 
 from __future__ import annotations
@@ -12,86 +19,109 @@ import json
 import time
 from pathlib import Path
 
+from scas_jax.io_utils import write_jsonl_atomic
 
-def sanity_report(student, rows: list[dict]) -> list[dict]:
-    """Answer-token mean NLL and greedy accuracy per row, from one jitted batched forward."""
-    import jax
-    import numpy as np
 
-    from scas_jax.models.decoder import forward
+def _stage(n: int, total: int, text: str) -> None:
+    print(f"\n[{n}/{total}] {text}", flush=True)
 
-    tok = student.tokenizer
-    seqs, starts = [], []
-    for r in rows:
-        msgs = [{"role": "system", "content": r.get("system") or "You are a helpful assistant."},
-                {"role": "user", "content": r["instruction"]}]
-        prompt = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))["input_ids"]
-        msgs.append({"role": "assistant", "content": r["teacher_output"]})
-        full = tok(tok.apply_chat_template(msgs, tokenize=False))["input_ids"]
-        seqs.append(full)
-        starts.append(len(prompt))
-    t = max(map(len, seqs))
-    ids = np.zeros((len(seqs), t), np.int32)
-    seg = np.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], seg[i, : len(s)] = s, 1
-    pos = np.tile(np.arange(t), (len(seqs), 1)) * seg
-    logits, _ = jax.jit(forward, static_argnums=(1,))(student.params, student.cfg, ids, pos, seg)
-    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    out = []
-    for i, (s, n0) in enumerate(zip(seqs, starts)):
-        tgt = np.asarray(s[n0:])
-        lp = logp[i, n0 - 1 : len(s) - 1]
-        nll = -lp[np.arange(len(tgt)), tgt]
-        acc = (lp.argmax(-1) == tgt).mean()
-        out.append({"id": rows[i]["id"], "tokens": len(s), "answer_tokens": len(tgt),
-                    "answer_mean_nll": float(nll.mean()), "next_token_acc": float(acc),
-                    "finite": bool(np.isfinite(logits[i, : len(s)]).all())})
+
+def subset_pool(src: Path, out: Path, questions: int) -> Path:
+    """The first ``questions`` rows of every teacher file (rows are aligned by id)."""
+    if out.exists():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    for f in sorted(src.glob("*.jsonl")):
+        with open(f, encoding="utf-8") as fh:
+            rows = [json.loads(line) for _, line in zip(range(questions), fh)]
+        write_jsonl_atomic(tmp / f.name, rows)
+    tmp.rename(out)
     return out
 
 
-def run_pipeline(out_dir: str | Path = "runs/demo", student: str = "smollm2", rows: int = 4) -> dict:
+def run_pipeline(
+    out_dir: str | Path = "runs/demo",
+    student: str = "smollm2",
+    questions: int = 40,
+    train_steps: int = 10,
+    progress: bool = True,
+) -> dict:
     from scas_jax.assets import GSM8K_POOL
     from scas_jax.convert.checkpoint import is_converted
     from scas_jax.convert.commands import convert
-    from scas_jax.loader import load_student
+    from scas_jax.evaluation.verify import verify
+    from scas_jax.reporting.report import report
+    from scas_jax.scoring.commands import score
+    from scas_jax.selection.api import select
+    from scas_jax.training.loop import train
 
-    out_dir = Path(out_dir)
-    conv = out_dir / "student"
+    out = Path(out_dir)
     t0 = time.time()
+    total = 7
+    conv = out / "student"
+    _stage(1, total, f"convert {student} -> {conv}")
     if not is_converted(conv):
-        print(f"[1/2] converting {student} -> {conv}")
         convert(student, conv)
-    else:
-        print(f"[1/2] reusing converted student at {conv}")
-    st = load_student(conv)
-    t_load = time.time() - t0
-    with open(GSM8K_POOL / "human_reference.jsonl", encoding="utf-8") as f:
-        data = [json.loads(line) for _, line in zip(range(rows), f)]
-    print(f"[2/2] forward pass on {len(data)} GSM8K rows")
-    t1 = time.time()
-    report = sanity_report(st, data)
-    t_fwd = time.time() - t1
-    import jax
 
-    print(f"\nstudent: {st.cfg.model_type}, {st.num_params / 1e6:.1f}M params, {st.param_dtype}, "
-          f"{jax.device_count()} x {jax.devices()[0].platform}")
-    print(f"{'id':<18}{'tokens':>8}{'answer':>8}{'ans NLL':>10}{'top-1':>8}")
-    for r in report:
-        print(f"{r['id']:<18}{r['tokens']:>8}{r['answer_tokens']:>8}"
-              f"{r['answer_mean_nll']:>10.3f}{r['next_token_acc']:>8.2f}")
-    ok = all(r["finite"] for r in report)
-    print(f"\nlogits finite: {ok}; convert+load {t_load:.1f}s, forward (incl. compile) {t_fwd:.1f}s")
-    return {"student": str(conv), "rows": report, "ok": ok}
+    _stage(2, total, f"first {questions} GSM8K questions of each teacher -> {out / 'pool'}")
+    pool = subset_pool(GSM8K_POOL, out / "pool", questions)
+
+    _stage(3, total, "verify answers (rule-based math judge)")
+    verified = out / "verified"
+    if not verified.exists():
+        a = verify(pool, verified)["agreement_with_input_flags"]
+        print(f"    judge agrees with the pool's flags on {a['agree']}/{a['compared_rows']} answers "
+              f"({a['undecided']} undecided)")
+
+    _stage(4, total, "score every verified answer with the student (SCAS)")
+    scored = out / "scored"
+    manifest = score(conv, verified, scored, skip_existing=True, progress=progress)
+
+    _stage(5, total, "select: SCAS min and the strongest-teacher baseline")
+    sel = out / "selections"
+    picks = {}
+    for strategy in ("min", "strongest"):
+        source = scored if strategy == "min" else verified
+        # verified_only: answers the judge left undecided are never trained on
+        m = select(source, sel, strategy=strategy, verified_only=True, overwrite=True)
+        picks[strategy] = m
+        share = {t: round(v["share"], 3) for t, v in (m.get("teacher_share") or {}).items()}
+        print(f"    {strategy}: {m.get('selected_rows')} answers, teacher share {share}")
+
+    _stage(6, total, f"report -> {out / 'report' / 'report.md'}")
+    report(scored, [sel], out / "report", overwrite=True)
+
+    _stage(7, total, f"fine-tune {train_steps} steps on the SCAS selection, export to HF")
+    data = sel / "scas_score" / "min_score_selected.jsonl"
+    summary = None
+    if not (out / "train" / "hf").exists():
+        summary = train(conv, data, out / "train",
+                        overrides=[f"steps={train_steps}", "batch_size=2", "seq_len=512",
+                                   "warmup_steps=2", "learning_rate=2e-5",
+                                   f"checkpoint_every={max(train_steps, 1)}"],
+                        export_hf=out / "train" / "hf", progress=progress)
+    metrics = out / "train" / "metrics.jsonl"
+    if metrics.exists():
+        losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines() if line.strip()]
+        if losses:
+            print(f"    training loss (answer tokens): step 1 {losses[0]:.3f} -> step {len(losses)} "
+                  f"{losses[-1]:.3f}")
+    print(f"\ndone in {time.time() - t0:.0f}s: scores {scored}, selections {sel}, "
+          f"report {out / 'report' / 'report.md'}, trained model {out / 'train' / 'hf'}")
+    return {"out": str(out), "score_manifest": manifest, "selections": picks, "train": summary,
+            "ok": True}
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    return 0 if run_pipeline(args.out, args.student, args.rows)["ok"] else 1
+    run_pipeline(args.out, args.student, args.questions, args.train_steps, not args.no_progress)
+    return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("pipeline", help="the main job end to end on the embedded default student")
     p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
     p.add_argument("--student", default="smollm2", help="HF dir, GGUF or converted dir")
-    p.add_argument("--rows", type=int, default=4, help="GSM8K rows for the sanity report")
+    p.add_argument("--questions", type=int, default=40, help="GSM8K questions to use (default 40)")
+    p.add_argument("--train-steps", type=int, default=10, help="fine-tuning steps (default 10)")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd)
