@@ -95,8 +95,11 @@ def run_pipeline(
     data = sel / "scas_score" / "min_score_selected.jsonl"
     summary = None
     if not (out / "train" / "hf").exists():
+        import jax
+
+        n = jax.device_count()  # rows per step: at least 2, a multiple of the devices
         summary = train(conv, data, out / "train",
-                        overrides=[f"steps={train_steps}", "batch_size=2", "seq_len=512",
+                        overrides=[f"steps={train_steps}", f"batch_size={-(-2 // n) * n}", "seq_len=512",
                                    "warmup_steps=2", "learning_rate=2e-5",
                                    f"checkpoint_every={max(train_steps, 1)}"],
                         export_hf=out / "train" / "hf", progress=progress)
