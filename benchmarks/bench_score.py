@@ -1,0 +1,273 @@
+"""Scoring throughput and memory: scas_jax vs the per-row PyTorch path, in one run.
+
+The baseline is the reference's structure (tests/scas_reference.py): one unpadded
+sequence per forward, a forward hook on the target layer, the full log-softmax over
+the vocabulary and the full T x T similarity matrices.
+
+    python benchmarks/bench_score.py throughput [--questions 200]
+    python benchmarks/bench_score.py memory --tokens 8192      # each path in a subprocess
+    python benchmarks/bench_score.py bf16 [--questions 50]
+
+Prints a Markdown table; record it in docs/benchmarks.md with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the torch oracle lives with the tests
+
+
+def gsm8k_rows(questions: int, verified_only: bool = True) -> list[dict]:
+    from scas_jax.assets import GSM8K_POOL
+
+    rows = []
+    for f in sorted(GSM8K_POOL.glob("*.jsonl")):
+        with open(f, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if i >= questions:
+                    break
+                r = json.loads(line)
+                if r.get("teacher_correct") is False and verified_only:
+                    continue
+                rows.append(r)
+    return rows
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f(a).block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def model_flops_per_token(cfg, seq: float) -> float:
+    """Forward FLOPs per token: 2 x matmul params + attention (QK^T and PV) + lm head."""
+    d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    per_layer = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f) + 4 * h * hd * seq
+    return cfg.num_layers * per_layer + 2 * d * cfg.vocab_size
+
+
+def run_torch(rows, tokenizer, max_rows=None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import scas_reference as ref
+    from scas_jax.loader import bundled_smollm2
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    p = bundled_smollm2()
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
+    rows = rows[:max_rows] if max_rows else rows
+    ref.reference_metrics(model, tokenizer, rows[0])  # warm-up
+    tokens = 0
+    t = time.perf_counter()
+    out = []
+    with torch.inference_mode():
+        for r in rows:
+            tok = ref.reference_tokenize(tokenizer, r)
+            tokens += int(tok["ids"].numel())
+            out.append(ref.reference_metrics(model, tokenizer, r))
+    return out, tokens, time.perf_counter() - t
+
+
+def run_jax(rows, student, cfg):
+    from scas_jax.scoring.scorer import prepare, score_rows
+
+    prep = prepare(rows, student.tokenizer, cfg)
+    t0 = time.perf_counter()
+    score_rows(student.params, student.cfg, student.tokenizer, rows[: min(len(rows), 64)], cfg)  # compile
+    t_compile = time.perf_counter() - t0
+    t = time.perf_counter()
+    out = score_rows(student.params, student.cfg, student.tokenizer, rows, cfg)
+    wall = time.perf_counter() - t
+    return out, prep.stats, wall, t_compile
+
+
+def throughput(args):
+    from scas_jax.loader import load_student
+    from scas_jax.scoring.scorer import ScoreConfig
+
+    rows = gsm8k_rows(args.questions)
+    student = load_student("smollm2")
+    cfg = ScoreConfig(batch_tokens=args.batch_tokens, max_length=args.max_length)
+    mm = matmul_flops()
+    ours, stats, wall_j, t_comp = run_jax(rows, student, cfg)
+    real = stats["real_tokens"]
+    base, tokens_t, wall_t = run_torch(rows, student.tokenizer, args.torch_rows)
+    assert tokens_t <= real
+    avg_len = real / len(rows)
+    fpt = model_flops_per_token(student.cfg, avg_len)
+    worst = 0.0
+    for a, b in zip(ours, base):
+        for k in ("scas_score", "answer_mean_nll", "answer_question_similarity"):
+            worst = max(worst, abs(a[k] - b[k]) / max(abs(b[k]), 1e-6))
+    res = {
+        "rows": len(rows), "real_tokens": real, "padding_fraction": stats["padding_fraction"],
+        "shapes": stats["shapes"], "torch_rows": len(base),
+        "torch_tok_s": tokens_t / wall_t, "jax_tok_s": real / wall_j,
+        "speedup": (real / wall_j) / (tokens_t / wall_t), "jax_compile_s": t_comp,
+        "matmul_gflops": mm / 1e9, "jax_gflops": fpt * real / wall_j / 1e9,
+        "torch_gflops": fpt * tokens_t / wall_t / 1e9, "max_rel_diff": worst,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    }
+    print(json.dumps(res, indent=2))
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child
+    would report its parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def long_row(tokens: int) -> dict:
+    """A GSM8K question whose answer repeats real solutions until ~``tokens`` tokens."""
+    rows = gsm8k_rows(200)
+    text, i = "", 0
+    while len(text) < tokens * 4.2:
+        text += rows[i % len(rows)]["teacher_output"] + "\n"
+        i += 1
+    return {"id": "long", "instruction": rows[0]["instruction"], "teacher_output": text}
+
+
+def _bench_models(root: Path) -> tuple[Path, Path]:
+    """SmolLM2 converted for scas_jax and exported for transformers (made once): each
+    path then loads the student from its own native format."""
+    from scas_jax.convert.commands import convert, export
+
+    conv, hf = root / "smollm2", root / "smollm2-hf"
+    if not conv.exists():
+        convert("smollm2", conv)
+    if not hf.exists():
+        export(conv, hf)
+    return conv, hf
+
+
+def memory_child(which: str, tokens: int, root: str):
+    from transformers import AutoTokenizer
+
+    from scas_jax.scoring.scorer import ScoreConfig, prepare
+
+    conv, hf = Path(root) / "smollm2", Path(root) / "smollm2-hf"
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    row = long_row(tokens)
+    n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
+    while n > tokens:  # trim to at most `tokens` tokens in all
+        row["teacher_output"] = row["teacher_output"][: int(len(row["teacher_output"]) * tokens / n) - 1]
+        n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
+    if which == "torch":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        import scas_reference as ref
+
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+        base = _peak_mb()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            ref.reference_metrics(model, tok, row)
+        wall = time.perf_counter() - t
+    else:
+        from scas_jax.loader import load_student
+        from scas_jax.scoring.scorer import score_rows
+
+        student = load_student(conv)
+        base = _peak_mb()
+        cfg = ScoreConfig(batch_tokens=tokens, max_length=tokens)
+        t = time.perf_counter()
+        score_rows(student.params, student.cfg, tok, [row], cfg)
+        wall = time.perf_counter() - t
+    print(json.dumps({"which": which, "tokens": n, "peak_mb": round(_peak_mb()),
+                      "peak_before_scoring_mb": round(base), "wall_s_incl_compile": round(wall, 1)}))
+
+
+def memory(args):
+    root = ROOT / "runs" / "bench"
+    _bench_models(root)
+    res = []
+    for which in ("torch", "jax"):
+        out = subprocess.run([sys.executable, __file__, "memory-child", which, str(args.tokens), str(root)],
+                             capture_output=True, text=True, check=True)
+        res.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    res.append({"ratio_peak": res[1]["peak_mb"] / res[0]["peak_mb"],
+                "ratio_scoring_increment": (res[1]["peak_mb"] - res[1]["peak_before_scoring_mb"])
+                / max(1, res[0]["peak_mb"] - res[0]["peak_before_scoring_mb"])})
+    print(json.dumps(res, indent=2))
+
+
+def bf16(args):
+    import numpy as np
+
+    from scas_jax.loader import load_student
+    from scas_jax.scoring.scorer import ScoreConfig
+
+    rows = gsm8k_rows(args.questions)
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        student = load_student("smollm2", dtype=dt)
+        scores, stats, wall, _ = run_jax(rows, student, ScoreConfig(dtype=dt))
+        out[dt] = (scores, stats["real_tokens"] / wall)
+    f32, b16 = out["float32"][0], out["bfloat16"][0]
+    d_nll = np.array([abs(a["answer_mean_nll"] - b["answer_mean_nll"]) for a, b in zip(f32, b16)])
+    d_s = np.array([abs(a["scas_score"] - b["scas_score"]) / max(abs(a["scas_score"]), 1e-6)
+                    for a, b in zip(f32, b16)])
+    same_min = _same_min(rows, f32, b16)
+    print(json.dumps({"f32_tok_s": out["float32"][1], "bf16_tok_s": out["bfloat16"][1],
+                      "answer_mean_nll_abs_diff_max": float(d_nll.max()),
+                      "answer_mean_nll_abs_diff_mean": float(d_nll.mean()),
+                      "scas_score_rel_diff_median": float(np.median(d_s)),
+                      "min_selection_agreement": same_min}, indent=2))
+
+
+def _same_min(rows, a, b):
+    best = {}
+    for r, x, y in zip(rows, a, b):
+        best.setdefault(r["id"], []).append((x["scas_score"], y["scas_score"], r["teacher_name"]))
+    agree = sum(min(v)[2] == min(v, key=lambda t: t[1])[2] for v in best.values())
+    return agree / len(best)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["throughput", "memory", "memory-child", "bf16"])
+    ap.add_argument("rest", nargs="*")
+    ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--torch-rows", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--max-length", type=int, default=1024)
+    args = ap.parse_args()
+    if args.mode == "throughput":
+        throughput(args)
+    elif args.mode == "memory":
+        memory(args)
+    elif args.mode == "memory-child":
+        memory_child(args.rest[0], int(args.rest[1]), args.rest[2])
+    else:
+        bf16(args)
+
+
+if __name__ == "__main__":
+    main()
