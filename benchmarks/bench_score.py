@@ -256,7 +256,7 @@ def main():
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--torch-rows", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--batch-tokens", type=int, default=8192)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--max-length", type=int, default=1024)
     args = ap.parse_args()
     if args.mode == "throughput":

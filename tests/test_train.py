@@ -319,3 +319,22 @@ def test_sigterm_saves_checkpoint(tmp_path):
         assert step == last_logged >= 4 and ck.read_meta(step)["data_position"] == step
     finally:
         ck.close()
+
+
+def test_student_without_chat_template_is_refused(tmp_path):
+    """A tokenizer with no chat template: a clear error before any checkpoint is written."""
+    from scas_jax.training.loop import train
+
+    student = make_student_dir(tmp_path / "student")
+    for f in student.glob("chat_template.*"):
+        f.unlink()
+    cfg_file = student / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg))
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    with pytest.raises(ScasError, match="no chat template"):
+        train(student, data, tmp_path / "run", None, ["steps=1", "batch_size=8", "seq_len=64"],
+              progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+        (tmp_path / "run" / "checkpoints").iterdir())

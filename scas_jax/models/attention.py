@@ -13,11 +13,15 @@ Implementations:
 - ``blockwise``: flash-style online softmax over ``block`` x ``block`` tiles, never
   holding more than ``[batch, heads, block, block]`` scores; key blocks past the
   diagonal, before the earliest segment start of a query block (packed rows) or
-  outside the sliding window are skipped. Forward only (scoring, evaluation).
+  outside the sliding window are skipped. Differentiable through a flash-attention
+  backward (a custom VJP that recomputes each visited tile from the saved
+  log-sum-exp), so training at long lengths stores no ``[seq, seq]`` residual either.
 - ``auto``: ``blockwise`` when ``seq > 2 * block``, else ``xla``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,63 +57,137 @@ def xla_attention(q, k, v, segment_ids, sliding_window=None):
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
-    """Same result as :func:`xla_attention`, in ``O(seq * block)`` score memory."""
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    g = h // kvh
+def _pad_blocks(q, k, v, segment_ids, block):
+    """Pad the sequence axis to a multiple of ``block`` (padding: segment id -1)."""
+    t = q.shape[1]
     n = -(-t // block)
     pad = n * block - t
     if pad:
         widths = ((0, 0), (0, pad), (0, 0), (0, 0))
         q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
         segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
-    qg = _grouped(q, kvh) * jnp.asarray(d**-0.5, q.dtype)
-    # index where each position's contiguous segment starts: key blocks before the
-    # earliest start in a query block (over the batch) are fully masked and skipped
+    return q, k, v, segment_ids, n
+
+
+def _first_blocks(segment_ids, n, block, sliding_window):
+    """``[n]``: the first key block any query of block ``i`` may see (over the batch).
+
+    Key blocks before the earliest segment start of a query block (packed rows), or
+    before its sliding window, are fully masked and skipped.
+    """
+    b = segment_ids.shape[0]
     idx = jnp.arange(n * block)
     boundary = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     seg_start = jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
-    first_block = seg_start.reshape(b, n, block).min(axis=(0, 2)) // block  # [n]
+    first = seg_start.reshape(b, n, block).min(axis=(0, 2)) // block
+    if sliding_window is not None:
+        first = jnp.maximum(first, (jnp.arange(n) * block - sliding_window + 1) // block)
+    return jnp.maximum(first, 0)
+
+
+def _block(x, j, block):
+    return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
+
+
+def _scores(q_blk, k_blk, q_seg, k_seg, i, j, block, sliding_window):
+    """Masked scores ``[b, kvh, g, block_q, block_k]`` (float32) and the mask."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
+    ok = _allowed(q_seg, k_seg, i * block + jnp.arange(block), j * block + jnp.arange(block),
+                  sliding_window)[:, None, None]
+    return jnp.where(ok, s, _NEG), ok
+
+
+def _flash_forward(q, k, v, segment_ids, sliding_window, block):
+    """Returns (out ``[b, T, h, d]``, residuals for the backward pass)."""
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qp, kp, vp, seg, n = _pad_blocks(q, k, v, segment_ids, block)
+    qg = _grouped(qp, kvh) * jnp.asarray(d**-0.5, q.dtype)
+    first = _first_blocks(seg, n, block, sliding_window)
 
     def one_query_block(i):
-        q_blk = jax.lax.dynamic_slice_in_dim(qg, i * block, block, axis=1)
-        q_seg = jax.lax.dynamic_slice_in_dim(segment_ids, i * block, block, axis=1)
-        q_idx = i * block + jnp.arange(block)
+        q_blk, q_seg = _block(qg, i, block), _block(seg, i, block)
 
         def body(j, carry):
             m, l, acc = carry
-            k_blk = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=1)
-            k_seg = jax.lax.dynamic_slice_in_dim(segment_ids, j * block, block, axis=1)
-            k_idx = j * block + jnp.arange(block)
-            s = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
-            ok = _allowed(q_seg, k_seg, q_idx, k_idx, sliding_window)
-            s = jnp.where(ok[:, None, None], s, _NEG)
+            v_blk = _block(vp, j, block)
+            s, _ = _scores(q_blk, _block(kp, j, block), q_seg, _block(seg, j, block), i, j, block,
+                           sliding_window)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            l = l * corr + p.sum(-1)
             pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v_blk,
                             preferred_element_type=jnp.float32)
-            acc = acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv
-            return m_new, l, acc
+            return m_new, l * corr + p.sum(-1), acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv
 
-        init = (
-            jnp.full((b, kvh, g, block), _NEG, jnp.float32),
-            jnp.zeros((b, kvh, g, block), jnp.float32),
-            jnp.zeros((b, block, kvh, g, d), jnp.float32),
-        )
-        lo = first_block[i]
-        if sliding_window is not None:
-            lo = jnp.maximum(lo, (i * block - sliding_window + 1) // block)
-        m, l, acc = jax.lax.fori_loop(jnp.maximum(lo, 0), i + 1, body, init)
-        return acc / jnp.moveaxis(l, -1, 1)[..., None]
+        init = (jnp.full((b, kvh, g, block), _NEG, jnp.float32),
+                jnp.zeros((b, kvh, g, block), jnp.float32),
+                jnp.zeros((b, block, kvh, g, d), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(first[i], i + 1, body, init)
+        return acc / jnp.moveaxis(l, -1, 1)[..., None], m + jnp.log(l)
 
-    out = jax.lax.map(one_query_block, jnp.arange(n))  # [n, b, block, kvh, g, d]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)
-    return out[:, :t].astype(q.dtype)
+    out, lse = jax.lax.map(one_query_block, jnp.arange(n))  # [n,b,blk,kvh,g,d], [n,b,kvh,g,blk]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, kvh, g, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, n * block)
+    res = (qg, kp, vp, seg, out, lse, first)
+    return out.reshape(b, n * block, h, d)[:, :t].astype(q.dtype), res
+
+
+def _flash_backward(sliding_window, block, res, dout):
+    """Flash-attention backward: probabilities recomputed tile by tile from the saved
+    log-sum-exp; only tiles the forward visited are visited."""
+    qg, kp, vp, seg, out, lse, first = res
+    t = dout.shape[1]
+    b, tp, kvh, g, d = out.shape
+    n = tp // block
+    do = jnp.pad(dout, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(out.shape).astype(jnp.float32)
+    delta = jnp.moveaxis(jnp.sum(do * out, axis=-1), 1, 3)  # [b, kvh, g, T]
+
+    def one_query_block(i, carry):
+        dq, dk, dv = carry
+        q_blk, q_seg, do_blk = _block(qg, i, block), _block(seg, i, block), _block(do, i, block)
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * block, block, axis=3)
+        delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)
+
+        def body(j, c):
+            dq_blk, dk, dv = c
+            k_blk, v_blk = _block(kp, j, block), _block(vp, j, block)
+            s, ok = _scores(q_blk, k_blk, q_seg, _block(seg, j, block), i, j, block, sliding_window)
+            p = jnp.where(ok, jnp.exp(s - lse_blk[..., None]), 0.0)  # [b,kvh,g,bq,bk]
+            dv_blk = jnp.einsum("bkgts,btkgd->bskd", p, do_blk)
+            dp = jnp.einsum("btkgd,bskd->bkgts", do_blk, v_blk.astype(jnp.float32))
+            ds = p * (dp - delta_blk[..., None])
+            dq_blk = dq_blk + jnp.einsum("bkgts,bskd->btkgd", ds, k_blk.astype(jnp.float32))
+            dk_blk = jnp.einsum("bkgts,btkgd->bskd", ds, q_blk.astype(jnp.float32))
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, _block(dk, j, block) + dk_blk, j * block, 1)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, _block(dv, j, block) + dv_blk, j * block, 1)
+            return dq_blk, dk, dv
+
+        dq_blk = jnp.zeros((b, block, kvh, g, d), jnp.float32)
+        dq_blk, dk, dv = jax.lax.fori_loop(first[i], i + 1, body, (dq_blk, dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * block, 1), dk, dv
+
+    zeros_kv = jnp.zeros(kp.shape, jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(
+        0, n, one_query_block, (jnp.zeros(qg.shape, jnp.float32), zeros_kv, zeros_kv))
+    dq = (dq * d**-0.5).reshape(b, tp, kvh * g, d)[:, :t].astype(qg.dtype)
+    return dq, dk[:, :t].astype(kp.dtype), dv[:, :t].astype(vp.dtype), None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
+    """Same result as :func:`xla_attention` in ``O(seq * block)`` score memory, and
+    differentiable (flash-attention backward: no ``[seq, seq]`` residual is stored)."""
+    return _flash_forward(q, k, v, segment_ids, sliding_window, block)[0]
+
+
+def _vjp_fwd(q, k, v, segment_ids, sliding_window, block):
+    return _flash_forward(q, k, v, segment_ids, sliding_window, block)
+
+
+blockwise_attention.defvjp(_vjp_fwd, _flash_backward)
 
 
 def attention(q, k, v, segment_ids, sliding_window=None, impl="xla", block=None):

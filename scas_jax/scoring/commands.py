@@ -156,7 +156,7 @@ def score(
     lambda_scas: float = 0.5,
     target_layer: str = DEFAULT_TAP,
     mesh: Any = "data=-1",
-    batch_tokens: int = 8192,
+    batch_tokens: int = 4096,
     max_length: int = 4096,
     limit: int | None = None,
     skip_existing: bool = False,
@@ -401,7 +401,8 @@ def register(sub) -> None:
     p.add_argument("--target-layer", default=DEFAULT_TAP,
                    help=f"activation tap: layers.<i>.mlp.up_proj or layers.<i>.residual (default {DEFAULT_TAP})")
     p.add_argument("--mesh", default="data=-1", help="mesh spec, e.g. data=-1 or data=2,tp=4")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per batch")
+    p.add_argument("--batch-tokens", type=int, default=4096,
+                   help="padded tokens per batch (default 4096; raise it on accelerators)")
     p.add_argument("--max-length", type=int, default=4096,
                    help="longest sequence scored; longer rows become error rows")
     p.add_argument("--limit", type=int, default=None, help="first N rows of each teacher file")

@@ -56,7 +56,7 @@ class TrainConfig:
     # compute
     compute_dtype: str = "float32"  # master weights and optimiser state stay float32
     remat: bool = False
-    attn_impl: str = "xla"
+    attn_impl: str = "auto"  # auto: flash-style blockwise (custom VJP) past 256 tokens, else dense
     logits_chunk: int = 256
     mesh: str = "data=-1"
     # data
