@@ -23,7 +23,6 @@ from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.layers import DecoderLayer, RMSNorm, rope_tables
 
-SCAN_UNROLL = 1
 _TAP_RE = re.compile(r"^layers\.(-?\d+)\.(mlp\.up_proj|residual)$")
 TAP_KINDS = {"mlp.up_proj": "up_proj", "residual": "residual"}
 
@@ -108,7 +107,7 @@ def decode(
         def body(h, p):
             return run_one(p, h)[0], None
 
-        return jax.lax.scan(body, x, _slice_layers(params["layers"], start, stop), unroll=SCAN_UNROLL)[0]
+        return jax.lax.scan(body, x, _slice_layers(params["layers"], start, stop))[0]
 
     wanted: dict[int, list[tuple[str, str]]] = {}
     for name in taps:
