@@ -105,6 +105,55 @@ class Attention(nn.Module):
         return dense("o_proj", c.hidden_size, c.o_bias)(out)
 
 
+@jax.custom_vjp
+def swiglu(x, w_gate, w_up, w_down):
+    """``(silu(x @ w_gate) * (x @ w_up)) @ w_down`` and the ``up`` activation.
+
+    ``x [..., d_model]``, ``w_gate``/``w_up [d_model, d_ff]``, ``w_down [d_ff, d_model]``.
+    The custom VJP writes the weight gradients as plain ``[d_in, tokens] @ [tokens, d_out]``
+    products of row-major operands: XLA's CPU autodiff of the same expression transposes
+    the ``[tokens, d_ff]`` gradients through slow strided fusions (1.5x slower here).
+    """
+    up = x @ w_up
+    return (nn.silu(x @ w_gate) * up) @ w_down, up
+
+
+def _swiglu_fwd(x, w_gate, w_up, w_down):
+    gate, up = x @ w_gate, x @ w_up
+    return ((nn.silu(gate) * up) @ w_down, up), (x, gate, up, w_gate, w_up, w_down)
+
+
+def _swiglu_bwd(res, cotangents):
+    x, gate, up, w_gate, w_up, w_down = res
+    dy, d_up_out = cotangents
+    sig = jax.nn.sigmoid(gate)
+    act = gate * sig
+    d_model, d_ff = x.shape[-1], gate.shape[-1]
+    dh = dy @ w_down.T
+    d_up = dh * act + d_up_out
+    d_gate = dh * up * (sig * (1 + gate * (1 - sig)))
+    x_t = x.reshape(-1, d_model).T
+    dw_gate = (x_t @ d_gate.reshape(-1, d_ff)).astype(w_gate.dtype)
+    dw_up = (x_t @ d_up.reshape(-1, d_ff)).astype(w_up.dtype)
+    dw_down = ((act * up).reshape(-1, d_ff).T @ dy.reshape(-1, d_model)).astype(w_down.dtype)
+    dx = (d_gate @ w_gate.T + d_up @ w_up.T).astype(x.dtype)
+    return dx, dw_gate, dw_up, dw_down
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+class _Kernel(nn.Module):
+    """Just a ``kernel [in, out]`` parameter, laid out as ``nn.Dense`` lays it out."""
+
+    shape: tuple[int, int]
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.param_dtype)
+
+
 class MLP(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
@@ -114,10 +163,14 @@ class MLP(nn.Module):
     def __call__(self, x):
         """``x [batch, seq, d_model]`` -> (out ``[batch, seq, d_model]``, up ``[batch, seq, d_ff]``)."""
         c = self.cfg
-        gate = _dense(c.intermediate_size, c.mlp_bias, self.dtype, self.param_dtype, "gate_proj")(x)
-        up = _dense(c.intermediate_size, c.mlp_bias, self.dtype, self.param_dtype, "up_proj")(x)
-        down = _dense(c.hidden_size, c.mlp_bias, self.dtype, self.param_dtype, "down_proj")
-        return down(nn.silu(gate) * up), up
+        d, f = c.hidden_size, c.intermediate_size
+        if c.mlp_bias:
+            gate = _dense(f, True, self.dtype, self.param_dtype, "gate_proj")(x)
+            up = _dense(f, True, self.dtype, self.param_dtype, "up_proj")(x)
+            return _dense(d, True, self.dtype, self.param_dtype, "down_proj")(nn.silu(gate) * up), up
+        ws = [_Kernel(shape, self.param_dtype, name=n)().astype(self.dtype)
+              for n, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d)))]
+        return swiglu(x.astype(self.dtype), *ws)
 
 
 class DecoderLayer(nn.Module):
