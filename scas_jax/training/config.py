@@ -81,7 +81,7 @@ class TrainConfig:
     lambda_scas: float = 0.5
     target_layer: str = DEFAULT_TARGET_LAYER
     include_unverified: bool = False  # dynamic: also candidates flagged teacher_correct=false
-    score_batch_tokens: int = 8192
+    score_batch_tokens: int = 4096
     score_max_segments: int = 16
     score_dtype: str = "float32"
 
