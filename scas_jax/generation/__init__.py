@@ -1,1 +1,0 @@
-"""scas_jax.generation"""
