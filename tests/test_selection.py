@@ -270,7 +270,7 @@ def test_bad_json_names_file_and_line(tmp_path):
     d = tmp_path / "s"
     d.mkdir()
     (d / "t_scas_scores.jsonl").write_text('{"id": 1, "scas_score": 1}\n\n{"id": 2,\n')
-    with pytest.raises(ScasError, match=r"t_scas_scores.jsonl:3: invalid JSON"):
+    with pytest.raises(ScasError, match=r"t_scas_scores.jsonl:3: malformed JSON"):
         select(d, tmp_path / "o", "min")
     (d / "t_scas_scores.jsonl").write_text('[1, 2]\n')
     with pytest.raises(ScasError, match=r"t_scas_scores.jsonl:1: expected a JSON object, got list"):

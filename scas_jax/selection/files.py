@@ -15,11 +15,11 @@ Naming rules (scas_method.md, "Inputs"):
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from scas_jax.data.pool import iter_jsonl
 from scas_jax.errors import ScasError
 
 SCORED_SUFFIX = "_scas_scores.jsonl"
@@ -106,32 +106,9 @@ def require_score_files(input_dir: str | Path) -> list[PoolFile]:
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, row)`` for each non-blank line; ``file:line: message`` on bad input."""
-    path = Path(path)
-    try:
-        handle = path.open("r", encoding="utf-8")
-    except OSError as e:
-        raise ScasError(f"{path}: cannot read: {e.strerror or e}") from e
-    with handle:
-        line_no = 0
-        while True:
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as e:
-                raise ScasError(f"{path}:{line_no + 1}: not UTF-8 text: {e.reason}") from e
-            if not line:
-                return
-            line_no += 1
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ScasError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise ScasError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            yield line_no, row
+    """Yield ``(line_number, row)`` for each non-blank line; ``file:line: message`` on bad
+    input (the pool reader's, so every stage reports bad JSONL the same way)."""
+    return iter_jsonl(Path(path))
 
 
 def sha256_file(path: str | Path) -> str:
