@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 import yaml
 
 from scas_jax.errors import ScasError
