@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from scas_jax.errors import ScasError
-from scas_jax.reporting import commands
+from scas_jax.cli import main as cli
 from scas_jax.reporting.report import report
 from scas_jax.selection.api import select
 
@@ -96,16 +94,6 @@ def test_report_from_a_raw_pool_without_selections(tmp_path):
     assert sorted(p.name for p in (tmp_path / "rep" / "figures").iterdir()) == ["teachers.png"]
 
 
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scas-jax")
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ScasError as e:
-        print(f"error: {e}")
-        return 2
-
 
 def test_report_bad_input(small, tmp_path, capsys):
     scores, sel = small
@@ -118,11 +106,11 @@ def test_report_bad_input(small, tmp_path, capsys):
     ]
     for extra, message in cases:
         assert cli(["report", *extra, "--out", str(out)]) == 2
-        assert message in capsys.readouterr().out
+        assert message in capsys.readouterr().err
         assert not (tmp_path / "new").exists()
     assert cli(["report", "--scores", str(scores), "--out", str(out)]) == 0
     assert cli(["report", "--scores", str(scores), "--out", str(out)]) == 2
-    assert "exists and is not empty" in capsys.readouterr().out
+    assert "exists and is not empty" in capsys.readouterr().err
     assert cli(["report", "--scores", str(scores), "--out", str(out), "--overwrite", "--fields", "answer_mean_nll_score"]) == 0
 
 

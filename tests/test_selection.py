@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
 import pytest
 
+from scas_jax.cli import main as cli
 from scas_jax.errors import ScasError
-from scas_jax.selection import commands
 from scas_jax.selection.api import select
 from scas_jax.selection.strategies import group_for_rank
 
@@ -214,17 +213,6 @@ def test_verified_only_for_groups(tmp_path: Path):
 # --- bad input: clear errors, nothing left behind -------------------------------------
 
 
-def cli(argv: list[str]) -> int:
-    """What scas_jax.cli.main does, with only the select command registered."""
-    parser = argparse.ArgumentParser(prog="scas-jax")
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ScasError as e:
-        print(f"scas-jax {args.command}: error: {e}")
-        return 2
-
 
 @pytest.mark.parametrize("extra, message", [
     (["--selected-group", "6"], "--selected-group must be between 1 and --num-groups \\(5\\), got 6"),
@@ -235,7 +223,7 @@ def cli(argv: list[str]) -> int:
 def test_bad_arguments_exit_2_and_write_nothing(scored, tmp_path, capsys, extra, message):
     out = tmp_path / "new" / "out"
     assert cli(["select", "--input-dir", str(scored), "--output-dir", str(out), *extra]) == 2
-    assert pytest.importorskip("re").search(message, capsys.readouterr().out)
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
     assert not (tmp_path / "new").exists()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from fractions import Fraction
 from pathlib import Path
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from scas_jax.assets import GSM8K_POOL
-from scas_jax.errors import ScasError
-from scas_jax.evaluation import commands
+from scas_jax.cli import main as cli
 from scas_jax.evaluation.equivalence import parse_number
 from scas_jax.evaluation.extract import extract_final_answer
 from scas_jax.evaluation.judge import judge
@@ -168,28 +166,18 @@ def test_verify_writes_flags_and_counts_agreement(tmp_path: Path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t_teacher_responses.jsonl", "verify_manifest.json"]
 
 
-def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="scas-jax")
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ScasError as e:
-        print(f"error: {e}")
-        return 2
-
 
 def test_verify_bad_input(tmp_path: Path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli(["verify", "--input-dir", str(empty), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "no pool files" in capsys.readouterr().out
+    assert "no pool files" in capsys.readouterr().err
     (empty / "t.jsonl").write_text("")
     assert cli(["verify", "--input-dir", str(empty), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "empty pool" in capsys.readouterr().out
+    assert "empty pool" in capsys.readouterr().err
     write_jsonl(empty / "t.jsonl", [{"id": 1, "teacher_output": "A: 1"}])
     assert cli(["verify", "--input-dir", str(empty), "--output-dir", str(tmp_path / "o")]) == 2
-    assert "no row of" in capsys.readouterr().out
+    assert "no row of" in capsys.readouterr().err
     assert cli(["verify", "--input-dir", str(empty), "--output-dir", str(empty)]) == 2
     assert not (tmp_path / "o").exists()
 
