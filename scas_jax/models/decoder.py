@@ -7,8 +7,9 @@ on a leading ``[num_layers]`` axis under ``params["layers"]``; layers run under
 Taps name intermediate activations returned from the same pass:
 ``"layers.{i}.mlp.up_proj"`` (``[batch, seq, d_ff]``) and ``"layers.{i}.residual"``
 (the residual stream after layer ``i``, ``[batch, seq, d_model]``); ``i`` may be
-negative. The stack is split statically at the tapped layers, so a tap costs nothing
-beyond its own output.
+negative. Taps are kept from inside the single layer scan by a ``lax.cond`` at their
+layer, so a tap costs its own output buffer and nothing else (no second compiled
+layer, no per-layer copy).
 """
 
 from __future__ import annotations
@@ -100,30 +101,25 @@ def decode(
     if remat:
         run_one = jax.checkpoint(run_one)
 
-    def run_span(x, start, stop):
-        if stop <= start:
-            return x
-
-        def body(h, p):
-            return run_one(p, h)[0], None
-
-        return jax.lax.scan(body, x, _slice_layers(params["layers"], start, stop))[0]
-
-    wanted: dict[int, list[tuple[str, str]]] = {}
-    for name in taps:
-        idx, kind = parse_tap(name, cfg.num_layers)
-        wanted.setdefault(idx, []).append((name, kind))
-
+    wanted = [(name, *parse_tap(name, cfg.num_layers)) for name in taps]
     x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
-    out: dict[str, jax.Array] = {}
-    start = 0
-    for idx in sorted(wanted):
-        x = run_span(x, start, idx)
-        x, up = run_one(jax.tree.map(lambda a: a[idx], params["layers"]), x)
-        for name, kind in wanted[idx]:
-            out[name] = up if kind == "up_proj" else x
-        start = idx + 1
-    x = run_span(x, start, cfg.num_layers)
+    b, t = tokens.shape
+    width = {"up_proj": cfg.intermediate_size, "residual": cfg.hidden_size}
+    bufs = {name: jnp.zeros((b, t, width[kind]), dtype) for name, _, kind in wanted}
+
+    # One scan over all layers; a tapped activation is kept by a cond at its layer
+    # (one compiled layer body, and no buffers of a second, unrolled layer).
+    def body(carry, xs):
+        h, bufs = carry
+        p, i = xs
+        h, up = run_one(p, h)
+        new = {}
+        for name, idx, kind in wanted:
+            val = up if kind == "up_proj" else h
+            new[name] = jax.lax.cond(i == idx, lambda v=val: v, lambda n=name: bufs[n])
+        return (h, new), None
+
+    (x, out), _ = jax.lax.scan(body, (x, bufs), (params["layers"], jnp.arange(cfg.num_layers)))
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
     return x, out
 
