@@ -168,7 +168,7 @@ def _bench_models(root: Path) -> tuple[Path, Path]:
 def memory_child(which: str, tokens: int, root: str):
     from transformers import AutoTokenizer
 
-    from scas_jax.scoring.scorer import ScoreConfig, prepare
+    from scas_jax.scoring.scorer import ScoreConfig, prepare, release_host_memory
 
     conv, hf = Path(root) / "smollm2", Path(root) / "smollm2-hf"
     tok = AutoTokenizer.from_pretrained(str(hf))
@@ -177,6 +177,7 @@ def memory_child(which: str, tokens: int, root: str):
     while n > tokens:  # trim to at most `tokens` tokens in all
         row["teacher_output"] = row["teacher_output"][: int(len(row["teacher_output"]) * tokens / n) - 1]
         n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
+    release_host_memory()  # the trimming above is harness work: free it on both sides alike
     if which == "torch":
         import torch
         from transformers import AutoModelForCausalLM
@@ -193,7 +194,7 @@ def memory_child(which: str, tokens: int, root: str):
         from scas_jax.loader import load_student
         from scas_jax.scoring.scorer import score_rows
 
-        student = load_student(conv)
+        student = load_student(conv, with_tokenizer=False)  # `tok` above is the tokenizer
         base = _peak_mb()
         cfg = ScoreConfig(batch_tokens=tokens, max_length=tokens)
         t = time.perf_counter()

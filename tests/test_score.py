@@ -34,7 +34,7 @@ from scas_jax.scoring.commands import score
 from scas_jax.scoring.core import compiled_stats
 from scas_jax.scoring.fields import ERROR_FIELD, METRIC_FIELDS
 from scas_jax.scoring.journal import JOURNAL_DIR, Journal
-from scas_jax.scoring.scorer import ScoreConfig, prepare, score_rows
+from scas_jax.scoring.scorer import ScoreConfig, compilations, prepare, score_rows
 
 TEACHERS = ("human_reference", "gpt3_175b_verification", "gpt3_6b_verification")
 REPO = Path(__file__).resolve().parents[1]
@@ -204,10 +204,12 @@ def test_compilations_bounded_by_buckets(tiny_students):
     assert len(prepared.plans) > len(buckets)
     fn = compiled_stats(st.cfg, cfg.max_segments, cfg.target_layer, cfg.dtype, cfg.attn_impl,
                         cfg.vocab_chunk)
-    assert fn._cache_size() == 0
+    assert compilations(fn) == 0
     out = score_rows(st.params, st.cfg, st.tokenizer, rows, cfg)
     assert all(ERROR_FIELD not in f and f["answer_mean_nll"] > 0 for f in out)
-    assert fn._cache_size() == len(buckets)  # one compilation per bucket, not per length/batch
+    assert compilations(fn) == len(buckets)  # one compilation per bucket, not per length/batch
+    score_rows(st.params, st.cfg, st.tokenizer, rows[:5], cfg)
+    assert compilations(fn) == len(buckets)  # and none again on the next call
 
 
 # ------------------------------------------------------------------ SmolLM2 through the command
