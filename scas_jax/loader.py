@@ -58,7 +58,9 @@ def resolve_path(path: str | Path | None) -> Path:
     return Path(path)
 
 
-def _placer(mesh):
+def placer(mesh):
+    """``place(path, host_array)`` for :func:`params_from_tensors`: onto the default
+    device, or sharded on ``mesh`` by the rule table."""
     if mesh is None:
         return lambda path, x: jax.device_put(x)
     from scas_jax.parallel import param_spec
@@ -117,7 +119,7 @@ def load_student(
         bar = tqdm(total=len(source.names), desc="reading tensors", unit="tensor")
     params = params_from_tensors(
         cfg, source.get, source.names, checkpoint.np_dtype(dtype), source.describe(),
-        place=_placer(mesh), progress=bar.update if bar else None,
+        place=placer(mesh), progress=bar.update if bar else None,
     )
     if bar:
         bar.close()

@@ -23,13 +23,12 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: 
     Tensors are read one at a time into host buffers (never two copies of the model);
     the directory is built beside ``out`` and renamed into place only when complete.
     """
-    import jax
     from tqdm import tqdm
 
     from scas_jax.convert import checkpoint
     from scas_jax.convert.keymap import params_from_tensors
     from scas_jax.convert.sources import open_source
-    from scas_jax.loader import load_tokenizer, resolve_path
+    from scas_jax.loader import load_tokenizer, placer, resolve_path
     from scas_jax.models.config import config_from_hf
 
     src_path = resolve_path(hf)
@@ -43,7 +42,7 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: 
             # buffer of one leaf is the only transient copy
             params = params_from_tensors(
                 cfg, source.get, source.names, np_dt, source.describe(),
-                place=lambda path, x: jax.device_put(x), progress=bar.update,
+                place=placer(None), progress=bar.update,
             )
         checkpoint.save_params(tmp / "params", params)
         del params

@@ -58,18 +58,6 @@ def is_transposed(path: tuple[str, ...]) -> bool:
     return path[-1] == "kernel"
 
 
-def expected_hf_names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Hugging Face checkpoint of ``cfg`` must hold, with its HF shape."""
-    names = {}
-    for path, leaf in iter_leaves(abstract_params(cfg)):
-        shape = leaf.shape[1:] if path[0] == "layers" else leaf.shape
-        hf_shape = tuple(reversed(shape)) if is_transposed(path) else tuple(shape)
-        layers = range(cfg.num_layers) if path[0] == "layers" else [None]
-        for i in layers:
-            names[hf_name(path, i)] = hf_shape
-    return names
-
-
 def params_from_tensors(
     cfg: ModelConfig,
     get: Callable[[str], np.ndarray],

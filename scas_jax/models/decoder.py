@@ -124,17 +124,19 @@ def decode(
     return x, out
 
 
-def lm_head_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
-    """``[d_model, vocab]`` output projection (the transposed embedding when tied)."""
+def lm_head(params: dict, cfg: ModelConfig, dtype) -> tuple[jax.Array, str]:
+    """The output projection in ``dtype`` and its einsum spec for ``[..., d_model]``
+    inputs. Tied heads contract with the ``[vocab, d_model]`` embedding directly, so no
+    transposed copy of it is made."""
     if cfg.tie_word_embeddings:
-        return params["embed_tokens"]["embedding"].T
-    return params["lm_head"]["kernel"]
+        return params["embed_tokens"]["embedding"].astype(dtype), "...d,vd->...v"
+    return params["lm_head"]["kernel"].astype(dtype), "...d,dv->...v"
 
 
 def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """``[batch, seq, d_model]`` -> float32 logits ``[batch, seq, vocab]``."""
-    w = lm_head_kernel(params, cfg).astype(hidden.dtype)
-    return jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+    w, spec = lm_head(params, cfg, hidden.dtype)
+    return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
 
 
 def forward(

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
+from scas_jax.models.decoder import lm_head
 
 
 def target_logprobs(
@@ -23,10 +24,7 @@ def target_logprobs(
     that *predicts* ``targets [batch, seq]`` (shift before calling).
     """
     b, t, d = hidden.shape
-    if cfg.tie_word_embeddings:  # contract with the embedding directly: no [d, vocab] transpose
-        w, spec = params["embed_tokens"]["embedding"].astype(hidden.dtype), "bcd,vd->bcv"
-    else:
-        w, spec = params["lm_head"]["kernel"].astype(hidden.dtype), "bcd,dv->bcv"
+    w, spec = lm_head(params, cfg, hidden.dtype)
     chunk = min(chunk, t)
     n = -(-t // chunk)
     pad = n * chunk - t
