@@ -18,7 +18,7 @@ COMMAND_MODULES = (
     "scas_jax.pipeline",  # pipeline (the README's main job)
     "scas_jax.scoring.commands",  # score
     "scas_jax.selection.commands",  # select
-    "scas_jax.evaluation.commands",  # verify
+    "scas_jax.judging.commands",  # verify
     "scas_jax.reporting.commands",  # report
     "scas_jax.training.commands",  # train
 )

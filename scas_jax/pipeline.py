@@ -49,7 +49,7 @@ def run_pipeline(
     from scas_jax.assets import GSM8K_POOL
     from scas_jax.convert.checkpoint import is_converted
     from scas_jax.convert.commands import convert
-    from scas_jax.evaluation.verify import verify
+    from scas_jax.judging.verify import verify
     from scas_jax.reporting.report import report
     from scas_jax.scoring.commands import score
     from scas_jax.selection.api import select

@@ -10,10 +10,10 @@ import pytest
 
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli
-from scas_jax.evaluation.equivalence import parse_number
-from scas_jax.evaluation.extract import extract_final_answer
-from scas_jax.evaluation.judge import judge
-from scas_jax.evaluation.verify import verify
+from scas_jax.judging.equivalence import parse_number
+from scas_jax.judging.extract import extract_final_answer
+from scas_jax.judging.judge import judge
+from scas_jax.judging.verify import verify
 
 EXTRACTION = [
     ("so the total is \\boxed{42}.", "42", "boxed"),

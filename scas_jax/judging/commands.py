@@ -1,4 +1,4 @@
-"""``scas-jax verify``: the CLI shell over :func:`scas_jax.evaluation.verify.verify`."""
+"""``scas-jax verify``: the CLI shell over :func:`scas_jax.judging.verify.verify`."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """CLI entry: verify, then print accuracy per teacher and agreement with existing flags."""
-    from scas_jax.evaluation.verify import verify
+    from scas_jax.judging.verify import verify
 
     m = verify(
         args.input_dir,

@@ -16,7 +16,7 @@ from typing import Any
 
 from scas_jax import __version__
 from scas_jax.errors import ScasError
-from scas_jax.evaluation.judge import Verdict, judge, reference_text
+from scas_jax.judging.judge import Verdict, judge, reference_text
 from scas_jax.selection.candidates import row_teacher
 from scas_jax.selection.files import discover_pool, read_jsonl, sha256_file
 from scas_jax.selection.output import publish_dir
@@ -133,7 +133,7 @@ def _manifest(input_dir, output_dir, files, per_teacher, agreement, confusion, d
     decided = compared - undecided_disagree
     return {
         "command": "verify",
-        "judge": "rule-based math judge (scas_jax.evaluation.judge)",
+        "judge": "rule-based math judge (scas_jax.judging.judge)",
         "input_dir": str(input_dir),
         "output_dir": str(output_dir),
         "input_files": [str(input_dir / f.path.name) for f in files],

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from scas_jax.evaluation.equivalence import fmt, normalise_text, numbers_equal, parse_number
-from scas_jax.evaluation.extract import extract_final_answer
+from scas_jax.judging.equivalence import fmt, normalise_text, numbers_equal, parse_number
+from scas_jax.judging.extract import extract_final_answer
 
 _WORD = re.compile(r"^[a-z]+$")
 
