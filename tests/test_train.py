@@ -336,5 +336,57 @@ def test_student_without_chat_template_is_refused(tmp_path):
     with pytest.raises(ScasError, match="no chat template"):
         train(student, data, tmp_path / "run", None, ["steps=1", "batch_size=8", "seq_len=64"],
               progress=False)
-    assert not (tmp_path / "run" / "checkpoints").exists() or not any(
-        (tmp_path / "run" / "checkpoints").iterdir())
+    assert not (tmp_path / "run").exists()  # a failed start leaves no directory behind
+
+
+def test_warmup_starts_above_zero():
+    from scas_jax.training.step import lr_schedule
+
+    sched = lr_schedule(TrainConfig(learning_rate=1e-4, warmup_steps=4, steps=10), 10)
+    lrs = [float(sched(i)) for i in range(10)]
+    np.testing.assert_allclose(lrs[:4], [2.5e-5, 5e-5, 7.5e-5, 1e-4], rtol=1e-6)
+    assert lrs[4] == pytest.approx(1e-4)  # the cosine part starts at the peak
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # and only decays
+    one = lr_schedule(TrainConfig(learning_rate=1e-4, warmup_steps=1, steps=3), 3)
+    assert float(one(0)) == pytest.approx(1e-4)
+
+
+def test_unknown_key_suggests_the_nearest():
+    with pytest.raises(ScasError, match=r"did you mean `optim\.learning_rate`"):
+        load_config(None, ["optim.learnig_rate=1e-4"])
+    with pytest.raises(ScasError, match=r"did you mean `warmup_steps`"):
+        load_config(None, ["warmup_step=3"])
+
+
+def test_bad_inputs_fail_before_the_model_loads(tmp_path, monkeypatch):
+    """Data, eval data, candidate dir, student path and config are checked before any
+    model work, and a failed start leaves no directory."""
+    import scas_jax.loader
+    from scas_jax.training.loop import train
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(scas_jax.loader, "load_student", no_loading)
+    student = make_student_dir(tmp_path / "student")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"instruction": "a", "output": "b"}\n{oops\n')
+    run = tmp_path / "run"
+    cases = [
+        (dict(data=tmp_path / "missing.jsonl"), r"missing\.jsonl: no such file"),
+        (dict(data=bad_json), r"bad\.jsonl:2: malformed JSON"),
+        (dict(data=data, overrides=[f"eval_data={tmp_path / 'nope.jsonl'}"]), r"nope\.jsonl: no such file"),
+        (dict(data=None, candidate_dir=tmp_path / "no_pool"), r"no_pool: no such directory"),
+        (dict(data=None), r"nothing to train on: give --data FILE"),
+        (dict(data=data, student=tmp_path / "no_student"), r"--student .*no_student: no such file"),
+        (dict(data=data, overrides=["optim.learnin_rate=1"]), r"did you mean `optim\.learning_rate`"),
+        (dict(data=data, overrides=["batch_size=3", "mesh=data=-1"]), r"multiple of the mesh"),
+    ]
+    for kw, pattern in cases:
+        args = dict(student=student, overrides=["steps=1", "batch_size=2", "seq_len=64"])
+        args.update(kw)
+        with pytest.raises(ScasError, match=pattern):
+            train(args.pop("student"), args.pop("data"), run, None, args.pop("overrides"),
+                  progress=False, **args)
+        assert not run.exists(), kw

@@ -24,19 +24,33 @@ from scas_jax.errors import ScasError
 
 
 class TrainCheckpoints:
+    """The checkpoints of one training run. The directory is created by the first
+    ``save``, never by opening: a run that fails before it saves leaves nothing."""
+
     def __init__(self, directory: str | Path, max_to_keep: int = 3):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep or None,
-            enable_async_checkpointing=False,
-            create=True,
-        )
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._max_to_keep = max_to_keep
+        self._manager = None
+
+    @property
+    def manager(self):
+        if self._manager is None:
+            ocp = self._ocp
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self._max_to_keep or None,
+                enable_async_checkpointing=False,
+                create=True,
+            )
+            self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                                  item_names=("state", "meta"))
+        return self._manager
 
     def latest_step(self) -> int | None:
+        if self._manager is None and not self.directory.is_dir():
+            return None
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
@@ -67,7 +81,8 @@ class TrainCheckpoints:
         return out["state"]
 
     def close(self) -> None:
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.close()
 
 
 def abstract_like(state, shardings):

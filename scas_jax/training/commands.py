@@ -16,9 +16,6 @@ def _train_cmd(args: argparse.Namespace) -> int:
         overrides.append(f"eval_data={args.eval_data}")
     if args.dataset:
         overrides.append(f"dataset={args.dataset}")
-    if args.candidate_dir and not args.data and not any(o.split("=", 1)[0].endswith("selection")
-                                                        for o in overrides):
-        overrides.insert(0, "selection=dynamic")  # --candidate-dir implies dynamic selection
     summary = train(
         args.student, args.data, args.output_dir, args.config, overrides,
         candidate_dir=args.candidate_dir, resume=args.resume, export_hf=args.export_hf, progress=not args.no_progress,

@@ -10,6 +10,7 @@ where it came from (the file, or "command line").
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -176,10 +177,13 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 
 def _field_name(key: str, where: str) -> str:
-    name = str(key).split(".")[-1]
+    prefix, _, name = str(key).rpartition(".")
     if name not in FIELDS:
+        close = difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.6)
+        hint = f"did you mean `{prefix + '.' if prefix else ''}{close[0]}`? " if close else ""
         raise ScasError(
-            f"{where}: unknown config key {key!r} (known keys: {', '.join(sorted(FIELDS))})"
+            f"{where}: unknown config key {key!r}; {hint}"
+            f"(known keys: {', '.join(sorted(FIELDS))}; see configs/train/default.yaml)"
         )
     return name
 

@@ -183,12 +183,14 @@ def encode_examples(
     return examples, stats
 
 
-def load_examples(path, tokenizer, seq_len: int, drop_long: bool = True, dataset: str = ""):
-    """Read and encode an SFT file: ``(examples, stats)``."""
+def load_examples(path, tokenizer, seq_len: int, drop_long: bool = True, dataset: str = "",
+                  rows: tuple[Path, list[tuple[int, dict]]] | None = None):
+    """Read and encode an SFT file: ``(examples, stats)``. ``rows``: what
+    :func:`read_rows` already returned for ``path`` (read once, validated early)."""
     if tokenizer is None:
         raise ScasError("the student has no tokenizer; training needs its chat template")
-    jsonl, rows = read_rows(path, dataset)
-    return encode_examples(rows, ChatEncoder(tokenizer), seq_len, drop_long, str(jsonl))
+    jsonl, read = rows if rows is not None else read_rows(path, dataset)
+    return encode_examples(read, ChatEncoder(tokenizer), seq_len, drop_long, str(jsonl))
 
 
 # ------------------------------------------------------------------ packing

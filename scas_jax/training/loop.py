@@ -20,6 +20,8 @@ checkpoint meta holds; a resume at a chunk boundary re-scores with the restored 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from scas_jax.parallel import batch_divisor, is_main_process, make_mesh
 from scas_jax.training import step as st
 from scas_jax.training.checkpoints import TrainCheckpoints, abstract_like
 from scas_jax.training.config import TrainConfig, config_from_dict, load_config
-from scas_jax.training.data import BatchStream, eval_batches, load_examples
+from scas_jax.training.data import BatchStream, eval_batches, load_examples, read_rows
 from scas_jax.training.metrics import MetricsWriter, flops_per_token, peak_flops
 
 
@@ -100,16 +102,50 @@ def _meta(cfg: TrainConfig, student, step: int, fingerprint: str, stream) -> dic
 
 
 def check_sources(cfg: TrainConfig, data, candidate_dir) -> None:
-    """``static`` needs ``--data``, ``dynamic`` needs ``--candidate-dir``; never both."""
+    """Training data comes from exactly one of ``--data`` and ``--candidate-dir``."""
     if data and candidate_dir:
-        raise ScasError("give either --data (selection=static) or --candidate-dir "
-                        "(selection=dynamic), not both")
+        raise ScasError("give either --data FILE (train on a fixed selection) or --candidate-dir "
+                        "POOL (select answers during training), not both")
     if cfg.selection == "dynamic" and not candidate_dir:
-        raise ScasError("selection=dynamic needs --candidate-dir POOL (the teacher candidate "
-                        "directory), not --data")
+        raise ScasError("selection=dynamic selects answers during training: it needs "
+                        "--candidate-dir POOL (the teacher answers), not --data")
     if cfg.selection == "static" and not data:
-        hint = " (or set selection=dynamic)" if candidate_dir else ""
-        raise ScasError(f"selection=static needs --data FILE{hint}")
+        hint = " (or drop selection=static to select during training)" if candidate_dir else ""
+        raise ScasError("nothing to train on: give --data FILE (an SFT JSONL such as select's "
+                        "min_score_selected.jsonl, or a dataset_info.json) or --candidate-dir "
+                        f"POOL to select answers during training{hint}")
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What ``train`` read and checked before any model work."""
+
+    sft: tuple[Path, list] | None  # (jsonl, rows) of --data
+    eval_sft: tuple[Path, list] | None  # (jsonl, rows) of eval_data
+
+
+def check_inputs(cfg: TrainConfig, student, data, candidate_dir) -> _Inputs:
+    """Everything that can fail without the model, checked before it loads: the data
+    sources, their files and rows, the eval file, the candidate directory, the student
+    path and the mesh. Errors name the file (and line) and the fix."""
+    check_sources(cfg, data, candidate_dir)
+    sft = read_rows(data, cfg.dataset) if data else None
+    eval_sft = read_rows(cfg.eval_data) if cfg.eval_data else None
+    if candidate_dir and not Path(candidate_dir).is_dir():
+        raise ScasError(f"--candidate-dir {candidate_dir}: no such directory")
+    if isinstance(student, (str, Path)):
+        from scas_jax.loader import resolve_path
+
+        path = resolve_path(student)
+        if not path.exists():
+            raise ScasError(f"--student {student}: no such file or directory")
+    div = batch_divisor(make_mesh(cfg.mesh))
+    if cfg.micro_batch % div:
+        raise ScasError(
+            f"train config: the micro-batch (batch_size / grad_accum = {cfg.micro_batch}) must be "
+            f"a multiple of the mesh's data*fsdp size {div} (mesh {cfg.mesh!r})"
+        )
+    return _Inputs(sft, eval_sft)
 
 
 class _Clock:
@@ -148,6 +184,10 @@ def train(
     and ``interrupted`` (the signal name when SIGINT/SIGTERM stopped the run).
     """
     output_dir = Path(output_dir)
+    overrides = list(overrides)
+    if candidate_dir and not data and not any(o.split("=", 1)[0].strip().endswith("selection")
+                                              for o in overrides):
+        overrides.insert(0, "selection=dynamic")  # --candidate-dir alone implies dynamic selection
     ckpts = TrainCheckpoints(output_dir / "checkpoints")
     try:
         latest = ckpts.latest_step()
@@ -165,27 +205,28 @@ def train(
                 )
             meta = None
             cfg = resolve_config(config, overrides)
-        check_sources(cfg, data, candidate_dir)
     finally:
         ckpts.close()
+    inputs = check_inputs(cfg, student, data, candidate_dir)
+    created = not output_dir.exists()
     ckpts = TrainCheckpoints(output_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
     try:
-        return _run(student, data, candidate_dir, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
+        return _run(student, inputs, candidate_dir, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
+    except BaseException:
+        # a run that fails before its first checkpoint leaves nothing behind
+        if created and output_dir.exists() and ckpts.latest_step() is None and is_main_process():
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     finally:
         ckpts.close()
 
 
-def _run(student, data, candidate_dir, output_dir: Path, cfg: TrainConfig, ckpts: TrainCheckpoints,
-         meta: dict | None, latest: int | None, export_hf, progress: bool) -> dict[str, Any]:
+def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainConfig,
+         ckpts: TrainCheckpoints, meta: dict | None, latest: int | None, export_hf,
+         progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
     mesh = make_mesh(cfg.mesh)
-    div = batch_divisor(mesh)
-    if cfg.micro_batch % div:
-        raise ScasError(
-            f"train config: the micro-batch (batch_size / grad_accum = {cfg.micro_batch}) must be "
-            f"a multiple of the mesh's data*fsdp size {div} (mesh {cfg.mesh!r})"
-        )
     student = _load_student(student, mesh)
     dynamic = cfg.selection == "dynamic"
     if dynamic:
@@ -194,11 +235,12 @@ def _run(student, data, candidate_dir, output_dir: Path, cfg: TrainConfig, ckpts
         pool = load_candidates(candidate_dir, student.tokenizer, cfg)
         data_stats: dict[str, Any] = pool.stats
     else:
-        examples, stats = load_examples(data, student.tokenizer, cfg.seq_len, cfg.drop_long, cfg.dataset)
+        examples, stats = load_examples(None, student.tokenizer, cfg.seq_len, cfg.drop_long,
+                                        rows=inputs.sft)
         data_stats = stats.to_dict()
     eval_sets = None
     if cfg.eval_data:
-        ev, _ = load_examples(cfg.eval_data, student.tokenizer, cfg.seq_len, cfg.drop_long)
+        ev, _ = load_examples(None, student.tokenizer, cfg.seq_len, cfg.drop_long, rows=inputs.eval_sft)
         eval_sets = eval_batches(ev, cfg.seq_len, cfg.micro_batch, cfg.max_segments)
     if dynamic:
         stream = DynamicStream(pool, cfg, student.cfg, mesh)

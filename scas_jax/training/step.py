@@ -48,8 +48,13 @@ class TrainState(NamedTuple):
 
 
 def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay
-    to ``learning_rate * min_lr_ratio`` at ``total_steps`` (or constant)."""
+    """Linear warmup over ``warmup_steps`` updates, then cosine decay to
+    ``learning_rate * min_lr_ratio`` at ``total_steps`` (or constant).
+
+    Warmup never wastes an update at zero: update ``i`` (0-based) of ``w`` warmup
+    updates uses ``learning_rate * (i + 1) / w``, so the first one moves the weights
+    and the last one reaches the peak.
+    """
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     peak = cfg.learning_rate
     if cfg.schedule == "constant":
@@ -60,9 +65,11 @@ def lr_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
         )
     if warmup == 0:
         return after
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup), after], boundaries=[warmup]
-    )
+
+    def ramp(count):
+        return peak * (jnp.minimum(count, warmup - 1) + 1) / warmup
+
+    return optax.join_schedules([ramp, after], boundaries=[warmup])
 
 
 def decay_mask(params) -> Any:
