@@ -24,6 +24,19 @@ COMMAND_MODULES = (
 )
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none to show
+    (required options, flags that default to off, options whose default is unset) or
+    where the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.required or action.default in (None, False, "")
+                or action.default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scas-jax",
@@ -33,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    # one look for every subcommand: its one-line summary heads its own --help too
+    summaries = {a.dest: a.help for a in sub._get_subactions()}
+    for name, p in sub.choices.items():
+        p.formatter_class = HelpFormatter
+        if not p.description:
+            p.description = summaries.get(name)
     return parser
 
 
