@@ -13,8 +13,8 @@ from scas_jax.data.pool import (
     discover_candidate_files,
     read_pool,
     read_pool_file,
-    teacher_name_from_path,
 )
+from scas_jax.data.layout import teacher_from_filename as teacher_name_from_path
 from scas_jax.errors import ScasError
 
 
@@ -47,7 +47,7 @@ def test_discovery_order_outputs_and_shadowing(tmp_path):
     ]:
         write_jsonl(tmp_path / name, [good(0)])
     files = discover_candidate_files(tmp_path)
-    assert [p.name for p in files] == [
+    assert [f.path.name for f in files] == [
         "alpha_teacher_responses.jsonl",
         "beta_teacher_responses_evaluated.jsonl",
         "gamma_student_train.jsonl",

@@ -9,8 +9,10 @@ import pytest
 
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.errors import ScasError
+from scas_jax.judging.verify import verify
 from scas_jax.selection.api import select
-from scas_jax.selection.files import discover_candidate_files, discover_pool, teacher_from_filename
+from scas_jax.data.files import discover_candidate_files, discover_pool
+from scas_jax.data.layout import teacher_from_filename
 
 # teacher -> flags for q1..q4. Accuracy: A 2/4, B 2/4, C 3/4 -> strength order C, A, B
 FLAGS = {
@@ -161,8 +163,16 @@ def test_baselines_on_the_gsm8k_pool(tmp_path: Path):
     m = select(GSM8K_POOL, tmp_path / "o", "teacher", teacher="gpt3_175b_verification")
     # the pool's README: accuracy 0.563 of 1319 -> 742 verified answers
     assert m["selected_rows"] == 742 and m["items_without_teacher"] == 577 and m["items"] == 1319
-    m = select(GSM8K_POOL, tmp_path / "o", "strongest")
-    assert m["teacher_order"][:2] == ["human_reference", "human_socratic"]
+    # both human solution sets are flagged 100 % correct: the flags cannot rank them
+    with pytest.raises(ScasError, match="human_reference, human_socratic share the top accuracy 1.000.*--teacher-accuracy"):
+        select(GSM8K_POOL, tmp_path / "o", "strongest")
+    verify(GSM8K_POOL, tmp_path / "v")
+    acc = tmp_path / "v" / "teacher_accuracy.json"
+    m = select(GSM8K_POOL, tmp_path / "o", "strongest", teacher_accuracy=acc)
+    assert m["order_source"] == str(acc) and m["parameters"]["teacher_accuracy_file"] == str(acc)
+    assert m["teacher_order"] == ["human_reference", "human_socratic", "gpt3_175b_verification",
+                                  "gpt3_6b_verification", "gpt3_175b_finetuning", "gpt3_6b_finetuning"]
+    assert m["ties_broken_by_name"] == [["human_reference", "human_socratic"]]  # the file's own tie, recorded
     assert m["teacher_share"] == {"human_reference": {"rows": 1319, "share": 1.0}}
 
 

@@ -163,7 +163,10 @@ def test_verify_writes_flags_and_counts_agreement(tmp_path: Path):
     assert a["confusion"] == {"flag_correct/judge_correct": 1, "flag_correct/judge_incorrect": 1,
                               "flag_incorrect/judge_undecided": 1}
     assert [(d["id"], d["line"], d["flag"], d["judge"]) for d in a["disagreements"]] == [(2, 2, True, False), (3, 3, False, None)]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t_teacher_responses.jsonl", "verify_manifest.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "t_teacher_responses.jsonl", "teacher_accuracy.json", "verify_manifest.json"]
+    accuracy = json.loads((tmp_path / "out" / "teacher_accuracy.json").read_text())
+    assert accuracy == {"t": {"correct": 2, "incorrect": 1, "undecided": 1, "total": 4, "accuracy": 0.5}}
 
 
 

@@ -46,7 +46,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from scas_jax.data.pool import missing_fields_error
+from scas_jax.data.rows import missing_fields_error
 from scas_jax.errors import ScasError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."

@@ -85,3 +85,11 @@ def is_rejected(row: dict[str, Any]) -> bool:
 def is_verified(row: dict[str, Any]) -> bool:
     """Flagged correct, or from a pool that carries no flag at all (nothing to go by)."""
     return not has_flag(row) or correctness(row) is True
+
+
+def correctness_at(row: dict[str, Any], where: str) -> bool | None:
+    """:func:`correctness`, with ``where`` (``file:line``) leading the message of an invalid flag."""
+    try:
+        return correctness(row)
+    except VerdictError as exc:
+        raise VerdictError(f"{where}: {exc}" if where else str(exc)) from None

@@ -4,8 +4,10 @@ Each output row is the input row plus ``teacher_correct`` (True, False or None f
 undecided), ``judge_reason`` and ``judge_answer`` (the extracted final answer, or
 None). A row that already had a ``teacher_correct`` keeps the old value in
 ``teacher_correct_previous``. ``verify_manifest.json`` counts verdicts per teacher and
-measures agreement with the flags the pool already had (``teacher_correct``, else
-``is_correct``), listing every disagreement.
+measures agreement with the flags the pool already had (read by
+:mod:`scas_jax.data.verdicts`; only decided flags are compared), listing every
+disagreement. ``teacher_accuracy.json`` holds the per-teacher counts and accuracy in the
+form ``select --strategy strongest --teacher-accuracy`` reads.
 """
 
 from __future__ import annotations
@@ -16,29 +18,24 @@ from typing import Any
 
 from scas_jax import __version__
 from scas_jax.errors import ScasError
+from scas_jax.data.files import discover_pool, sha256_file
+from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.rows import row_answer, row_teacher
+from scas_jax.data.verdicts import correctness_at
+from scas_jax.io_utils import publish_dir
 from scas_jax.judging.judge import Verdict, judge, reference_text
-from scas_jax.selection.candidates import row_teacher
-from scas_jax.selection.files import discover_pool, read_jsonl, sha256_file
-from scas_jax.selection.output import publish_dir
 
 MANIFEST_NAME = "verify_manifest.json"
+ACCURACY_NAME = "teacher_accuracy.json"
 
 
 def _label(flag: bool | None) -> str:
     return {True: "correct", False: "incorrect", None: "undecided"}[flag]
 
 
-def prior_flag(row: dict[str, Any]) -> bool | None:
-    """The correctness flag the row came with (``teacher_correct``, else ``is_correct``), if boolean."""
-    for name in ("teacher_correct", "is_correct"):
-        if isinstance(row.get(name), bool):
-            return row[name]
-    return None
-
-
-def row_answer(row: dict[str, Any], answer_field: str | None = None) -> Any:
-    """The answer to judge: ``answer_field`` if given, else ``teacher_output``, else ``output``."""
-    return row.get(answer_field) if answer_field else (row.get("teacher_output") or row.get("output"))
+def answer_to_judge(row: dict[str, Any], answer_field: str | None = None) -> Any:
+    """The answer to judge: ``answer_field`` if given, else the row's answer (:func:`row_answer`)."""
+    return row.get(answer_field) if answer_field else row_answer(row)
 
 
 def row_reference(row: dict[str, Any], reference_field: str | None = None) -> Any:
@@ -51,7 +48,7 @@ def row_reference(row: dict[str, Any], reference_field: str | None = None) -> An
 
 def judge_row(row: dict[str, Any], answer_field: str | None = None, reference_field: str | None = None) -> Verdict:
     """Judge one pool row."""
-    answer = row_answer(row, answer_field)
+    answer = answer_to_judge(row, answer_field)
     if not isinstance(answer, str) or not answer.strip():
         return Verdict(None, "undecided: no teacher answer in the row")
     return judge(answer, row_reference(row, reference_field))
@@ -78,13 +75,13 @@ def verify(
     rows_total = with_reference = 0
     for pf in files:
         rows = []
-        for line_no, row in read_jsonl(pf.path):
+        for line_no, row in iter_jsonl(pf.path):
             rows_total += 1
+            before = correctness_at(row, f"{pf.path}:{line_no}")  # the flag the row came with
             verdict = judge_row(row, answer_field, reference_field)
             if reference_text(row_reference(row, reference_field)) is not None:
                 with_reference += 1
             teacher = str(row_teacher(row, pf.teacher))
-            before = prior_flag(row)
             out = dict(row)
             if "teacher_correct" in row:
                 out["teacher_correct_previous"] = row["teacher_correct"]
@@ -93,7 +90,7 @@ def verify(
             out["judge_answer"] = verdict.answer
             rows.append(out)
             per_teacher.setdefault(teacher, Counter())[_label(verdict.correct)] += 1
-            if before is not None:
+            if before is not None:  # only decided flags are compared
                 confusion[f"flag_{_label(before)}/judge_{_label(verdict.correct)}"] += 1
                 agree = agreement.setdefault(teacher, Counter())
                 agree["compared"] += 1
@@ -114,8 +111,20 @@ def verify(
         raise ScasError(f"no row of {input_dir} has a reference answer ({field}); nothing can be verified")
 
     manifest = _manifest(input_dir, output_dir, files, per_teacher, agreement, confusion, disagreements, rows_total)
-    publish_dir(output_dir, {**outputs, MANIFEST_NAME: manifest}, overwrite=overwrite)
+    publish_dir(output_dir, {**outputs, MANIFEST_NAME: manifest, ACCURACY_NAME: teacher_accuracy(manifest)},
+                overwrite=overwrite)
     return manifest
+
+
+def teacher_accuracy(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{teacher: {"correct", "incorrect", "undecided", "total", "accuracy"}}`` over every answer
+    judged (``accuracy`` = correct / total; undecided counts as not correct): the file
+    ``select --strategy strongest --teacher-accuracy`` reads."""
+    return {
+        t: {"correct": c["correct"], "incorrect": c["incorrect"], "undecided": c["undecided"],
+            "total": c["rows"], "accuracy": c["accuracy"]}
+        for t, c in manifest["teachers"].items()
+    }
 
 
 def _manifest(input_dir, output_dir, files, per_teacher, agreement, confusion, disagreements, rows_total) -> dict[str, Any]:
@@ -134,6 +143,7 @@ def _manifest(input_dir, output_dir, files, per_teacher, agreement, confusion, d
     return {
         "command": "verify",
         "judge": "rule-based math judge (scas_jax.judging.judge)",
+        "teacher_accuracy_file": ACCURACY_NAME,
         "input_dir": str(input_dir),
         "output_dir": str(output_dir),
         "input_files": [str(input_dir / f.path.name) for f in files],

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from scas_jax.data.files import PoolFile, discover_pool
+from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.rows import id_key, row_answer, row_teacher
+from scas_jax.data.verdicts import correctness, correctness_at, has_flag
 from scas_jax.errors import ScasError
-from scas_jax.selection.candidates import canonical_id, row_teacher
-from scas_jax.selection.files import PoolFile, discover_pool, read_jsonl
 
 # Score fields worth a distribution plot, in reading order (scas_method.md, step 8).
 DEFAULT_FIELDS = (
@@ -36,6 +38,7 @@ class ScoreSet:
     input_dir: Path
     files: list[PoolFile]
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    verdicts: dict[tuple[str, str], bool | None] = field(default_factory=dict)  # (id key, teacher) -> flag
 
     @property
     def kind(self) -> str:
@@ -79,8 +82,12 @@ def load_scores(input_dir: str | Path) -> ScoreSet:
     files = discover_pool(input_dir)
     scores = ScoreSet(input_dir, files)
     for pf in files:
-        for _, row in read_jsonl(pf.path):
-            scores.rows.setdefault(str(row_teacher(row, pf.teacher)), []).append(row)
+        for line, row in iter_jsonl(pf.path):
+            teacher = str(row_teacher(row, pf.teacher))
+            verdict = correctness_at(row, f"{pf.path}:{line}")
+            scores.rows.setdefault(teacher, []).append(row)
+            if row.get("id") is not None and has_flag(row):
+                scores.verdicts.setdefault((id_key(row["id"]), teacher), verdict)
     if not scores.rows:
         raise ScasError(f"empty pool: no rows in {', '.join(pf.path.name for pf in files)}")
     return scores
@@ -91,20 +98,18 @@ def load_scores(input_dir: str | Path) -> ScoreSet:
 
 def answer_words(row: dict[str, Any]) -> int:
     """Whitespace-separated words of the row's answer."""
-    text = row.get("teacher_output") or row.get("output") or ""
-    return len(str(text).split())
-
-
-def correctness(row: dict[str, Any]) -> bool | None | str:
-    """``teacher_correct`` (else ``is_correct``): True, False, None (undecided) or "absent"."""
-    for name in ("teacher_correct", "is_correct"):
-        if name in row:
-            return row[name] if isinstance(row[name], bool) else None
-    return "absent"
+    return len(str(row_answer(row) or "").split())
 
 
 @dataclass
 class TeacherStats:
+    """One teacher's rows in the score set: flag counts among them, lengths, scoring errors.
+
+    The flags counted here are those of the *scored* rows only; they are not the
+    teacher's accuracy (``score`` skips answers flagged incorrect). Accuracy over every
+    answer comes from ``verify``'s output (:mod:`scas_jax.reporting.accuracy`).
+    """
+
     rows: int
     correct: int
     incorrect: int
@@ -113,17 +118,13 @@ class TeacherStats:
     words: list[int]
     scoring_errors: int
 
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.rows if self.flagged else None
-
 
 def teacher_stats(scores: ScoreSet) -> dict[str, TeacherStats]:
-    """Accuracy (share of rows verified correct), answer lengths and error counts per teacher."""
+    """Flag counts, answer lengths and error counts per teacher (flags read by data.verdicts)."""
     out = {}
     for teacher in scores.teachers:
         rows = scores.rows[teacher]
-        flags = Counter(correctness(r) for r in rows)
+        flags = Counter(correctness(r) if has_flag(r) else "absent" for r in rows)  # validated on load
         out[teacher] = TeacherStats(
             rows=len(rows),
             correct=flags[True],
@@ -208,10 +209,10 @@ def load_selections(paths: Iterable[str | Path]) -> list[Selection]:
         if not data.exists():
             raise ScasError(f"{mp}: its selected file {data} is missing")
         rows = {}
-        for line, row in read_jsonl(data):
+        for line, row in iter_jsonl(data):
             if row.get("id") is None:
                 raise ScasError(f"{data}:{line}: selected row without an id")
-            rows[canonical_id(row["id"])] = row
+            rows[id_key(row["id"])] = row
         label = selection_label(manifest)
         seen[label] += 1
         if seen[label] > 1:
@@ -253,14 +254,13 @@ def all_agree(selections: list[Selection]) -> tuple[int, int]:
     return same, len(common)
 
 
-def selected_quality(sel: Selection, scores: ScoreSet) -> dict[str, Any]:
-    """Mean words, share verified correct (looked up in the score set) and mean score of the chosen rows."""
-    flags = {}
-    for teacher, rows in scores.rows.items():
-        for row in rows:
-            if row.get("id") is not None:
-                flags.setdefault((canonical_id(row["id"]), teacher), correctness(row))
-    looked = [flags.get((k, str(r.get("teacher_name"))), "absent") for k, r in sel.rows.items()]
+def selected_quality(sel: Selection, verdicts: dict[tuple[str, str], bool | None]) -> dict[str, Any]:
+    """Mean words, share verified correct and mean score of the chosen rows.
+
+    ``verdicts``: ``{(id key, teacher): flag}``, from ``verify``'s output when the report
+    has it, else from the score set; a chosen row absent from it is not counted.
+    """
+    looked = [verdicts.get((k, str(r.get("teacher_name"))), "absent") for k, r in sel.rows.items()]
     judged = [f for f in looked if f != "absent"]
     values = [r["score_value"] for r in sel.rows.values() if _finite(r.get("score_value"))]
     words = [answer_words(r) for r in sel.rows.values()]

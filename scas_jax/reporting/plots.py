@@ -97,15 +97,15 @@ def agreement_heatmap(path: Path, labels: list[str], matrix: list[list[tuple[int
 
 def teacher_overview(path: Path, teachers: list[str], accuracy: dict[str, float | None],
                      words: dict[str, list[int]], colors: dict[str, Any]) -> Path:
-    """Left: share of answers verified correct; right: answer length in words."""
+    """Left: accuracy (None: unknown, drawn as an empty bar); right: answer length in words."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 1.6 + 0.45 * len(teachers)), sharey=True)
     ys = range(len(teachers))
     acc = [accuracy.get(t) or 0.0 for t in teachers]
     a1.barh(ys, acc, color=[colors[t] for t in teachers])
     for y, t in zip(ys, teachers):
-        a1.text(min(acc[y] + 0.01, 0.9), y, "no flags" if accuracy.get(t) is None else f"{acc[y]:.1%}", va="center", fontsize=8)
+        a1.text(min(acc[y] + 0.01, 0.9), y, "unknown" if accuracy.get(t) is None else f"{acc[y]:.1%}", va="center", fontsize=8)
     a1.set_xlim(0, 1)
-    a1.set_xlabel("verified correct (share of rows)")
+    a1.set_xlabel("accuracy (correct / all answers judged)")
     a1.set_title("accuracy")
     box = _hbox(a2, [words[t] or [0] for t in teachers], positions=list(ys))
     for patch, t in zip(box["boxes"], teachers):

@@ -1,8 +1,13 @@
 """``report()``: a Markdown report with PNG figures about scores and selections.
 
-``DIR/report.md`` (read this first), ``DIR/figures/*.png`` and ``DIR/report.json`` (the
-same numbers, machine-readable). The directory is built aside and moved into place
-only when complete.
+``DIR/report.md`` (read this first), ``DIR/figures/*.png``, ``DIR/picks.csv`` (every
+item of every scored selection: the pick beside its alternatives) and
+``DIR/report.json`` (the same numbers, machine-readable). The directory is built aside
+and moved into place only when complete.
+
+Teacher accuracy is shown only from ``verified`` (``scas-jax verify``'s output: the
+judge's verdicts over every answer); the score files hold scored answers only, and
+their flags would make most teachers look 100 % accurate.
 """
 
 from __future__ import annotations
@@ -11,8 +16,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from scas_jax.errors import ScasError
-from scas_jax.io_utils import atomic_dir, write_json_atomic, write_text_atomic
+from scas_jax.io_utils import atomic_dir, cleanup_created, write_json_atomic, write_text_atomic
 from scas_jax.reporting import plots
+from scas_jax.reporting.accuracy import VERIFY_MANIFEST, VerifiedSet, load_verified
 from scas_jax.reporting.data import (
     DEFAULT_FIELDS,
     ScoreSet,
@@ -26,7 +32,9 @@ from scas_jax.reporting.data import (
     share_table,
     teacher_stats,
 )
-from scas_jax.selection.output import cleanup_created
+from scas_jax.reporting.picks import item_index, markdown_rows, picks_for, write_csv
+
+PICKS_SHOWN = 10  # items per selection in "What was picked" (all of them are in picks.csv)
 
 
 def _f(x: float | None, digits: int = 4) -> str:
@@ -64,33 +72,45 @@ def report(
     selections: Iterable[str | Path] = (),
     out: str | Path = "report",
     *,
+    verified: str | Path | None = None,
     fields: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Build the report in ``out``; returns the summary also written to ``report.json``."""
+    """Build the report in ``out``; returns the summary also written to ``report.json``.
+
+    verified: ``scas-jax verify``'s output directory for the same pool; gives teacher
+    accuracy (correct / all answers judged) and the verdicts of selected answers.
+    Without it the report says that accuracy is unknown.
+    """
     out = Path(out)
     data = load_scores(scores)
+    judged = load_verified(verified) if verified is not None else None
     sels = load_selections(list(selections))
     chosen_fields = choose_fields(data, fields)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ScasError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
     with cleanup_created(out), atomic_dir(out, overwrite=True) as tmp:
         (tmp / "figures").mkdir()
-        summary, text = _build(data, sels, chosen_fields, tmp / "figures")
+        summary, text, picks = _build(data, judged, sels, chosen_fields, tmp / "figures")
+        summary["picks_csv_rows"] = write_csv(tmp / "picks.csv", picks)
         write_text_atomic(tmp / "report.md", text)
         write_json_atomic(tmp / "report.json", summary)
     summary["report"] = str(out / "report.md")
     return summary
 
 
-def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Path) -> tuple[dict[str, Any], str]:
+def _build(data: ScoreSet, judged: VerifiedSet | None, sels: list[Selection], fields: list[str],
+           fig_dir: Path) -> tuple[dict[str, Any], str, dict[str, tuple[str, list]]]:
     stats = teacher_stats(data)
     teachers = data.teachers
+    accuracy = {t: (judged.teachers[t].accuracy if judged and t in judged.teachers else None) for t in teachers}
+    verdicts = judged.verdicts if judged else data.verdicts
     colors = plots.teacher_colors(sorted(set(teachers) | {str(r.get("teacher_name")) for s in sels for r in s.rows.values()}))
     items = len({str(r.get("id")) for rows in data.rows.values() for r in rows if r.get("id") is not None})
     md: list[str] = []
+    picks: dict[str, tuple[str, list]] = {}
     summary: dict[str, Any] = {"scores_dir": str(data.input_dir), "input_kind": data.kind, "teachers": {}, "fields": {},
-                               "selections": [], "agreement": {}}
+                               "accuracy": _accuracy_summary(judged), "selections": [], "picks": {}, "agreement": {}}
 
     # --- field values and findings --------------------------------------------------
     field_values = {}
@@ -106,7 +126,7 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
         s = stats[t]
         summary["teachers"][t] = {
             "rows": s.rows, "correct": s.correct, "incorrect": s.incorrect, "undecided": s.undecided,
-            "accuracy": s.accuracy, "median_words": median(s.words), "scoring_errors": s.scoring_errors,
+            "accuracy": accuracy[t], "median_words": median(s.words), "scoring_errors": s.scoring_errors,
         }
 
     md.append("# SCAS report\n")
@@ -116,27 +136,13 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
         f"Selections: {len(sels)}.\n"
     )
     md.append("## At a glance\n")
-    md.extend(f"- {line}" for line in _findings(data, stats, fields, field_values, sels))
+    md.extend(f"- {line}" for line in _findings(data, judged, stats, fields, field_values, sels))
     md.append("")
 
     # --- teachers ---------------------------------------------------------------------
-    plots.teacher_overview(fig_dir / "teachers.png", teachers, {t: stats[t].accuracy for t in teachers},
-                           {t: stats[t].words for t in teachers}, colors)
-    main_field = fields[0] if fields else None
-    header = ["teacher", "rows", "correct", "incorrect", "undecided", "accuracy", "median words", "scoring errors"]
-    if main_field:
-        header.append(f"median {main_field}")
-    rows = []
-    for t in teachers:
-        s = stats[t]
-        row = [t, s.rows, s.correct, s.incorrect, s.undecided, _pct(s.accuracy), _f(median(s.words)), s.scoring_errors]
-        if main_field:
-            row.append(_f(median(field_values[main_field][t])))
-        rows.append(row)
-    md += ["## Teachers\n",
-           "Accuracy is the share of a teacher's rows flagged `teacher_correct` (or `is_correct`) true; "
-           "`undecided` rows (null flags, e.g. from `scas-jax verify`) count as not verified.\n",
-           _table(header, rows), "", "![accuracy and answer length per teacher](figures/teachers.png)\n"]
+    plots.teacher_overview(fig_dir / "teachers.png", teachers, accuracy, {t: stats[t].words for t in teachers}, colors)
+    md += ["## Teachers\n", *_accuracy_text(judged), _teacher_table(teachers, stats, judged, fields, field_values), "",
+           "![accuracy and answer length per teacher](figures/teachers.png)\n"]
 
     # --- score distributions ----------------------------------------------------------
     md.append("## Score distributions\n")
@@ -161,7 +167,7 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
     else:
         rows = []
         for i, sel in enumerate(sels):
-            q = selected_quality(sel, data)
+            q = selected_quality(sel, verdicts)
             skipped = sum(sel.manifest.get("skipped", {}).values())
             rows.append([f"({i + 1})", sel.label, sel.manifest.get("items", "–"), q["rows"], skipped,
                          _pct(q["verified_share"]), _f(q["mean_words"]),
@@ -169,7 +175,9 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
                          f"`{sel.manifest_path}`"])
             summary["selections"].append({"label": sel.label, "manifest": str(sel.manifest_path),
                                           "strategy": sel.strategy, **q})
-        md += ["`verified` is the share of selected rows whose (id, teacher) is flagged correct in the scores.\n",
+        md += [("`verified` is the share of selected rows the judge found correct (`--verified`)."
+                if judged else "`verified` is the share of selected rows whose (id, teacher) is flagged correct in the "
+                "scores.") + "\n",
                _table(["", "selection", "items", "selected", "skipped rows", "verified", "mean words", "mean score",
                        "manifest"], rows, "llrrrrrrl"), ""]
         shares = share_table(sels)
@@ -196,6 +204,9 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
                           + ", ".join(f"group {g}: {n}" for g, n in missing.items()) + ".\n")
                 md.append(f"![teachers per group](figures/{fname})\n")
 
+        # --- what was picked --------------------------------------------------------
+        md += _picks_section(sels, item_index(data), verdicts, picks, summary)
+
         # --- agreement ----------------------------------------------------------------
         matrix = agreement_matrix(sels)
         labels = [s.label for s in sels]
@@ -211,20 +222,23 @@ def _build(data: ScoreSet, sels: list[Selection], fields: list[str], fig_dir: Pa
                "", f"All {len(sels)} selections chose the same teacher on {same} of the {common} items they all cover"
                + (f" ({same / common:.1%})." if common else "."), "",
                "![agreement between selections](figures/agreement.png)\n"]
-    md.append("---\nWritten by `scas-jax report`. Numbers behind every table: `report.json`.\n")
-    return summary, "\n".join(md)
+    md.append("---\nWritten by `scas-jax report`. Numbers behind every table: `report.json`; every pick beside "
+              "its alternatives: `picks.csv`.\n")
+    return summary, "\n".join(md), picks
 
 
-def _findings(data: ScoreSet, stats, fields: list[str], field_values, sels: list[Selection]) -> list[str]:
+def _findings(data: ScoreSet, judged: VerifiedSet | None, stats, fields: list[str], field_values,
+              sels: list[Selection]) -> list[str]:
     out = []
-    flagged = {t: s.accuracy for t, s in stats.items() if s.accuracy is not None}
-    if flagged:
-        best = max(flagged, key=lambda t: (flagged[t], t))
-        worst = min(flagged, key=lambda t: (flagged[t], t))
-        out.append(f"Most accurate teacher: **{best}** ({flagged[best]:.1%} verified correct); "
-                   f"least: **{worst}** ({flagged[worst]:.1%}).")
+    acc = {t: a.accuracy for t, a in judged.teachers.items() if a.accuracy is not None} if judged else {}
+    if acc:
+        best = max(acc, key=lambda t: (acc[t], t))
+        worst = min(acc, key=lambda t: (acc[t], t))
+        out.append(f"Most accurate teacher: **{best}** ({acc[best]:.1%} of all its answers judged correct); "
+                   f"least: **{worst}** ({acc[worst]:.1%}).")
     else:
-        out.append("No correctness flags: run `scas-jax verify` to add them.")
+        out.append("Teacher accuracy is **unknown** in this report: pass `--verified DIR` (the output of "
+                   "`scas-jax verify` on the full pool).")
     words = {t: median(s.words) for t, s in stats.items()}
     out.append("Median answer length: " + ", ".join(f"{t} {w:g}" for t, w in sorted(words.items(), key=lambda kv: kv[1])) + " words.")
     if fields:
@@ -253,3 +267,74 @@ def _findings(data: ScoreSet, stats, fields: list[str], field_values, sels: list
         if common:
             out.append(f"All selections agree on {same}/{common} items ({same / common:.1%}).")
     return out
+
+
+def _accuracy_summary(judged: VerifiedSet | None) -> dict[str, Any]:
+    if judged is None:
+        return {"source": None, "teachers": {}, "verify_manifest_check": None}
+    return {"source": str(judged.directory), "teachers": {t: a.as_dict() for t, a in judged.teachers.items()},
+            "verify_manifest_check": judged.manifest_check}
+
+
+def _accuracy_text(judged: VerifiedSet | None) -> list[str]:
+    if judged is None:
+        return ["**Teacher accuracy is unknown here.** The score files hold only the answers that were scored "
+                "(`scas-jax score` skips answers flagged incorrect), so the share flagged correct among them is "
+                "not a teacher's accuracy (it is 100 % for every teacher whose wrong answers were skipped). "
+                "The `flagged …` columns count flags among the scored rows only. Pass `--verified DIR`, the "
+                "output of `scas-jax verify` on the full pool, to show accuracy.\n"]
+    lines = [f"Accuracy = correct / all answers the judge saw in `{judged.directory}` (`scas-jax verify`'s output; "
+             "undecided answers count as not correct)."]
+    if judged.manifest_check is None:
+        lines.append(f"(No `{VERIFY_MANIFEST}` there to cross-check.)")
+    elif not judged.manifest_check:
+        lines.append(f"The counts equal those of its `{VERIFY_MANIFEST}`.")
+    else:
+        lines.append(f"**Warning:** the rows disagree with `{VERIFY_MANIFEST}`: "
+                     + "; ".join(judged.manifest_check[:5]) + ".")
+    return [" ".join(lines) + "\n"]
+
+
+def _teacher_table(teachers: list[str], stats, judged: VerifiedSet | None, fields: list[str], field_values) -> str:
+    main_field = fields[0] if fields else None
+    header = (["teacher", "answers judged", "correct", "incorrect", "undecided", "accuracy"] if judged else ["teacher"])
+    header += ["scored rows", "flagged correct", "flagged incorrect", "flagged undecided", "median words",
+               "scoring errors"]
+    if main_field:
+        header.append(f"median {main_field}")
+    rows = []
+    for t in teachers:
+        s = stats[t]
+        row: list[Any] = [t]
+        if judged:
+            a = judged.teachers.get(t)
+            row += ["–"] * 5 if a is None else [a.total, a.correct, a.incorrect, a.undecided, _pct(a.accuracy)]
+        row += [s.rows, s.correct, s.incorrect, s.undecided, _f(median(s.words)), s.scoring_errors]
+        if main_field:
+            row.append(_f(median(field_values[main_field][t])))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _picks_section(sels: list[Selection], index, verdicts, picks: dict, summary: dict[str, Any]) -> list[str]:
+    """"What was picked": the first items of every scored selection; fills ``picks`` for picks.csv."""
+    md = ["## What was picked\n",
+          f"For the first {PICKS_SHOWN} items of every selection that ranks by a score: the chosen answer "
+          "(teacher, score, rank among the answers the selection could use) and every answer to the item, "
+          "cheapest first. Bold: the pick; ✗: judged incorrect; ?: undecided; struck through: an answer the "
+          "selection could not use, with the reason. Every item is in `picks.csv`.\n"]
+    shown = 0
+    for i, sel in enumerate(sels):
+        items = picks_for(sel, index, verdicts)
+        if items is None:
+            continue
+        score_key = next(r.get("score_key") for r in sel.rows.values() if r.get("score_key"))
+        picks[sel.label] = (score_key, items)
+        summary["picks"][sel.label] = {"items": len(items), "score_key": score_key}
+        md += [f"### ({i + 1}) {sel.label}\n",
+               _table(["item", f"picked (`{score_key}`)", "every answer, cheapest first"], markdown_rows(items, PICKS_SHOWN),
+                      "lll"), ""]
+        shown += 1
+    if not shown:
+        md.append("No selection ranks by a score (baselines on a raw pool have none).\n")
+    return md

@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping
 
 from scas_jax import __version__
 from scas_jax.errors import ScasError
+from scas_jax.data.files import SCORES, discover_pool, require_score_files, sha256_file
+from scas_jax.io_utils import publish_dir, publish_files
 from scas_jax.selection.candidates import Pool, drop_unverified, load_pool, skip_summary
-from scas_jax.selection.files import SCORES, discover_pool, require_score_files, sha256_file
-from scas_jax.selection.output import publish_dir, publish_files
 from scas_jax.selection.rows import dataset_info, output_row
 from scas_jax.selection.strategies import (
     Choice,
@@ -31,9 +31,11 @@ from scas_jax.selection.strategies import (
     select_min,
     select_random,
     select_strongest,
+    require_distinct_top,
     select_teacher,
     strength_order,
     teacher_accuracy_from_flags,
+    tied_teachers,
 )
 
 SCORE_STRATEGIES = ("groups", "min")
@@ -50,7 +52,11 @@ def teacher_share(choices: Iterable[Choice]) -> dict[str, dict[str, float]]:
 
 
 def read_teacher_accuracy(path: str | Path) -> dict[str, float]:
-    """A JSON object ``{"teacher": accuracy}`` with accuracies in [0, 1]."""
+    """Accuracy per teacher from a JSON object, in [0, 1].
+
+    Either ``{"teacher": accuracy}`` or the file ``scas-jax verify`` writes,
+    ``{"teacher": {"correct": c, "incorrect": i, "undecided": u, "total": n, "accuracy": c / n}}``.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -62,6 +68,10 @@ def read_teacher_accuracy(path: str | Path) -> dict[str, float]:
         raise ScasError(f'{path}: expected a JSON object {{"teacher": accuracy, ...}}')
     out = {}
     for name, value in data.items():
+        if isinstance(value, dict):
+            if "accuracy" not in value:
+                raise ScasError(f"{path}: teacher {name!r} has no \"accuracy\" field")
+            value = value["accuracy"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ScasError(f"{path}: accuracy of teacher {name!r} must be a number in [0, 1], got {value!r}")
         out[str(name)] = float(value)
@@ -103,6 +113,10 @@ def select(
 
     ``verified_only`` defaults to False for ``groups``/``min`` (the reference selects
     among every scored row) and True for the baselines (verified answers only).
+    ``teacher_accuracy`` (``strongest`` only): a JSON file of accuracies per teacher,
+    e.g. ``teacher_accuracy.json`` from ``verify`` on the full pool; without it the
+    accuracies come from the pool's flags, and a tie at the top is an error. The
+    manifest's ``order_source`` says which (``"flags"`` or the file's path).
     Nothing is written when any check fails.
     """
     _check_args(strategy, num_groups, selected_group, teacher, teacher_accuracy)
@@ -131,12 +145,16 @@ def select(
         if teacher_accuracy is not None:
             accuracy = read_teacher_accuracy(teacher_accuracy)
             params["teacher_accuracy_file"] = str(teacher_accuracy)
-            extra["teacher_accuracy_source"] = str(teacher_accuracy)
+            extra["order_source"] = str(teacher_accuracy)
         else:
             accuracy = teacher_accuracy_from_flags(pool)
-            extra["teacher_accuracy_source"] = "teacher_correct/is_correct flags of the pool"
+            require_distinct_top(accuracy)
+            extra["order_source"] = "flags"
         extra["teacher_accuracy"] = {t: round(accuracy[t], 6) for t in strength_order(accuracy)}
         extra["teacher_order"] = strength_order(accuracy)
+        ties = tied_teachers(accuracy)
+        if ties:
+            extra["ties_broken_by_name"] = ties
     if strategy == "teacher" and teacher not in pool.teachers():
         raise ScasError(f"unknown teacher {teacher!r}; teachers in {input_dir}: {', '.join(pool.teachers()) or 'none'}")
     if strategy in BASELINES and verified_only:

@@ -2,43 +2,44 @@
 
 A row is skipped, with a counted reason, when it has no ``id``, carries a
 ``scas_scoring_error``, lacks the score (when a score is required), has a score that
-is not a number or not finite, or (only when asked) is not verified correct. Items are
-keyed by ``json.dumps(id, ensure_ascii=False, sort_keys=True)``; candidates keep file
-order (files sorted by name, then line order), which is what the reference's stable
-sort sees.
+is not a number or not finite, or (only when asked) is not verified correct (its flag,
+read by :mod:`scas_jax.data.verdicts`, is not "correct"; a pool without flags counts as
+verified). A flag that is not a verdict is an error naming ``file:line``. Items are
+keyed by :func:`scas_jax.data.rows.id_key`; candidates keep file order (score files
+sorted by name, candidate files by teacher, then line order), which is what the
+reference's stable sort sees.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
+from scas_jax.data.files import PoolFile
+from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.rows import (
+    MISSING_SCORE,
+    NON_FINITE_SCORE,
+    NON_NUMERIC_SCORE,
+    Candidate,
+    id_key,
+    parse_score,
+    row_teacher,
+)
+from scas_jax.data.verdicts import correctness_at, has_flag
 from scas_jax.errors import ScasError
-from scas_jax.selection.files import PoolFile, read_jsonl
 
-# Skip reasons, in the order they are checked.
+# Skip reasons, in the order they are checked (the score reasons come from data.rows).
 MISSING_ID = "missing_id"
 SCORING_ERROR = "scoring_error"
-MISSING_SCORE = "missing_score"
-NON_NUMERIC_SCORE = "non_numeric_score"
-NON_FINITE_SCORE = "non_finite_score"
 UNVERIFIED = "not_verified_correct"
-
-VERIFICATION_FIELDS = ("teacher_correct", "is_correct")
-
-
-@dataclass
-class Candidate:
-    """One teacher answer to one item."""
-
-    key: str
-    row: dict[str, Any]
-    teacher: Any  # as in the row (normally a string); compare with str(teacher)
-    score: float | None
-    source: str  # "file:line", for messages
+__all__ = [
+    "MISSING_ID", "SCORING_ERROR", "MISSING_SCORE", "NON_NUMERIC_SCORE", "NON_FINITE_SCORE", "UNVERIFIED",
+    "Candidate", "Pool", "drop_unverified", "load_pool", "numeric_fields", "parse_score", "row_teacher",
+    "skip_summary",
+]
 
 
 @dataclass
@@ -60,50 +61,6 @@ class Pool:
         return sorted({str(c.teacher) for cands in self.items.values() for c in cands})
 
 
-def canonical_id(value: Any) -> str:
-    """The grouping key of an item id (the reference's)."""
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def row_teacher(row: dict[str, Any], file_teacher: str) -> Any:
-    """``teacher_name``, else ``teacher``, else the file's teacher (falsy values fall through)."""
-    return row.get("teacher_name") or row.get("teacher") or file_teacher
-
-
-def parse_score(value: Any) -> tuple[float | None, str | None]:
-    """``(score, None)`` for a finite number, else ``(None, skip_reason)``.
-
-    Numbers and numeric strings are accepted (as ``float()`` does in the reference);
-    booleans, other types, NaN and infinities are not.
-    """
-    if value is None:
-        return None, MISSING_SCORE
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        return None, NON_NUMERIC_SCORE
-    try:
-        out = float(value)
-    except ValueError:
-        return None, NON_NUMERIC_SCORE
-    if not math.isfinite(out):
-        return None, NON_FINITE_SCORE
-    return out, None
-
-
-def verification_flag(row: dict[str, Any]) -> bool | None | str:
-    """The row's correctness flag: True, False, None (undecided) or ``"absent"``."""
-    for name in VERIFICATION_FIELDS:
-        if name in row:
-            value = row[name]
-            return value if isinstance(value, bool) else None
-    return "absent"
-
-
-def is_verified(row: dict[str, Any]) -> bool:
-    """A row counts as verified when flagged True, or when the pool carries no flag at all."""
-    flag = verification_flag(row)
-    return flag is True or flag == "absent"
-
-
 def load_pool(
     files: Iterable[PoolFile],
     *,
@@ -122,8 +79,10 @@ def load_pool(
     items: dict[str, list[Candidate]] = {}
     key_seen = False
     for pf in files:
-        for line_no, row in read_jsonl(pf.path):
+        for line_no, row in iter_jsonl(pf.path):
             pool.rows_read += 1
+            source = f"{pf.path}:{line_no}"
+            verdict = correctness_at(row, source)  # an invalid flag is an error in every mode
             if score_key is not None and score_key in row:
                 key_seen = True
             if row.get("id") is None:
@@ -138,11 +97,11 @@ def load_pool(
                 if reason is not None and require_score:
                     pool.skipped[reason] += 1
                     continue
-            if verified_only and not is_verified(row):
+            if verified_only and not (verdict is True or not has_flag(row)):
                 pool.skipped[UNVERIFIED] += 1
                 continue
-            key = canonical_id(row["id"])
-            cand = Candidate(key, row, row_teacher(row, pf.teacher), score, f"{pf.path}:{line_no}")
+            key = id_key(row["id"])
+            cand = Candidate(key, row, str(row_teacher(row, pf.teacher)), score, source, line_no)
             items.setdefault(key, []).append(cand)
     if pool.rows_read == 0:
         names = ", ".join(pf.path.name for pf in files)
@@ -160,7 +119,7 @@ def numeric_fields(files: Iterable[PoolFile], max_rows: int = 20) -> list[str]:
     """Fields holding finite numbers in the first rows of each file (for error hints)."""
     found: set[str] = set()
     for pf in files:
-        for i, (_, row) in enumerate(read_jsonl(pf.path)):
+        for i, (_, row) in enumerate(iter_jsonl(pf.path)):
             if i >= max_rows:
                 break
             found.update(
@@ -179,7 +138,7 @@ def drop_unverified(pool: Pool) -> Pool:
     """A copy of ``pool`` without candidates that are not verified correct (counted as skipped)."""
     out = Pool(files=pool.files, rows_read=pool.rows_read, skipped=Counter(pool.skipped), score_key=pool.score_key)
     for key, cands in pool.items.items():
-        kept = [c for c in cands if is_verified(c.row)]
+        kept = [c for c in cands if c.verified]
         out.skipped[UNVERIFIED] += len(cands) - len(kept)
         if kept:
             out.items[key] = kept

@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", default=42, type=int, help="groups/random: seed of random.Random (default: 42)")
     p.add_argument("--teacher", default=None, help="teacher: the fixed teacher's name")
     p.add_argument("--teacher-accuracy", default=None, type=Path, metavar="FILE",
-                   help='strongest: JSON {"teacher": accuracy} instead of the pool\'s teacher_correct flags')
+                   help="strongest: teacher accuracies measured on the full pool (teacher_accuracy.json written by "
+                        "`scas-jax verify`, or JSON {\"teacher\": accuracy}); needed when the pool's flags "
+                        "cannot tell the teachers apart")
     v = p.add_mutually_exclusive_group()
     v.add_argument("--verified-only", dest="verified_only", action="store_true", default=None,
                    help="drop candidates flagged teacher_correct/is_correct false or undecided (default for baselines)")

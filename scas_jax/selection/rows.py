@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from scas_jax.data.rows import row_answer, row_teacher
 from scas_jax.selection.strategies import Choice
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -19,7 +20,7 @@ def output_row(choice: Choice, score_key: str | None) -> dict[str, Any]:
     "" when the row lacks them (the reference's values).
     """
     row = choice.candidate.row
-    answer = row.get("teacher_output") or row.get("output") or ""
+    answer = row_answer(row) or ""
     dataset = row.get("dataset")
     if dataset is None:
         dataset = row.get("source_dataset")
@@ -34,7 +35,7 @@ def output_row(choice: Choice, score_key: str | None) -> dict[str, Any]:
         "reference_answer": row.get("reference_answer") or row.get("answer"),
         "reference_output": row.get("reference_output"),
         "category": row.get("category", ""),
-        "teacher_name": choice.candidate.teacher,
+        "teacher_name": row_teacher(row, choice.candidate.teacher),  # as the row spells it
         "score_key": score_key,
         "score_value": choice.candidate.score,
         "score_rank": choice.rank,

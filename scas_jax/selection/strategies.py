@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from scas_jax.errors import ScasError
-from scas_jax.selection.candidates import Candidate, Pool
+from scas_jax.data.rows import Candidate
+from scas_jax.data.verdicts import has_flag
+from scas_jax.selection.candidates import Pool
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ def _score_rank(cands: list[Candidate], chosen: Candidate) -> int | None:
 
 
 def teacher_accuracy_from_flags(pool: Pool) -> dict[str, float]:
-    """Share of each teacher's rows flagged ``teacher_correct``/``is_correct`` True.
+    """Share of each teacher's rows whose flag says correct (undecided counts as not correct).
 
     Computed over every row read with an id (verified or not), so it needs the pool
     loaded with ``verified_only=False``. Raises when a teacher has no flags at all.
@@ -90,11 +92,9 @@ def teacher_accuracy_from_flags(pool: Pool) -> dict[str, float]:
         for c in cands:
             t = str(c.teacher)
             total[t] += 1
-            for name in ("teacher_correct", "is_correct"):
-                if name in c.row:
-                    flagged[t] += 1
-                    correct[t] += c.row[name] is True
-                    break
+            if has_flag(c.row):
+                flagged[t] += 1
+                correct[t] += c.verdict is True
     unflagged = sorted(t for t in total if flagged[t] == 0)
     if unflagged:
         raise ScasError(
@@ -104,9 +104,40 @@ def teacher_accuracy_from_flags(pool: Pool) -> dict[str, float]:
     return {t: correct[t] / total[t] for t in sorted(total)}
 
 
+def require_distinct_top(accuracy: Mapping[str, float]) -> None:
+    """Raise unless one teacher is strictly the most accurate.
+
+    With every teacher equally accurate (typically 1.0: a pool that holds only verified
+    answers) or a tie at the top, the only thing left to order them by would be their
+    names; ``strongest`` refuses and asks for an accuracy measured on the full pool.
+    """
+    if not accuracy:
+        return
+    best = max(accuracy.values())
+    top = sorted(t for t, a in accuracy.items() if a == best)
+    if len(top) < 2:
+        return
+    what = (f"every teacher has accuracy {best:.3f}" if len(top) == len(accuracy)
+            else f"{', '.join(top)} share the top accuracy {best:.3f}")
+    raise ScasError(
+        f"the pool's teacher_correct/is_correct flags cannot tell the teachers apart: {what} "
+        "(a pool that holds only verified answers gives every teacher 1.000), so `strongest` would "
+        "rank them by name. Pass --teacher-accuracy FILE with accuracies measured on the full pool, "
+        "e.g. OUT/teacher_accuracy.json written by `scas-jax verify --input-dir FULL_POOL --output-dir OUT`"
+    )
+
+
 def strength_order(accuracy: Mapping[str, float]) -> list[str]:
     """Teachers from strongest to weakest; equal accuracy breaks by name."""
     return sorted(accuracy, key=lambda t: (-accuracy[t], t))
+
+
+def tied_teachers(accuracy: Mapping[str, float]) -> list[list[str]]:
+    """Groups of two or more teachers with equal accuracy (ordered by name among themselves)."""
+    groups: dict[float, list[str]] = {}
+    for t in strength_order(accuracy):
+        groups.setdefault(accuracy[t], []).append(t)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def select_strongest(pool: Pool, accuracy: Mapping[str, float]) -> list[Choice]:
