@@ -46,7 +46,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from scas_jax.data.rows import missing_fields_error
+from scas_jax.data.rows import missing_fields_error, row_answer
 from scas_jax.errors import ScasError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -90,7 +90,7 @@ def build_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     """System, user and assistant messages of a candidate row (method page step 1)."""
     system = str(row.get("system") or DEFAULT_SYSTEM)
     instruction = str(row.get("instruction") or "")
-    answer = str(row.get("teacher_output") or row.get("output") or "")
+    answer = str(row_answer(row) or "")
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": instruction},
