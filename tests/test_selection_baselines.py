@@ -67,7 +67,7 @@ def test_strongest_falls_back_to_the_next_strongest(pool: Path, tmp_path: Path):
     rows = read_jsonl(tmp_path / "o" / "strongest" / "strongest_selected.jsonl")
     # q2: C and A are wrong, B is right -> B; everything else -> C
     assert chosen(rows) == [("q1", "C"), ("q2", "B"), ("q3", "C"), ("q4", "C")]
-    assert m["teacher_order"] == ["C", "A", "B"]
+    assert m["teacher_order"] == ["C", "A", "B"] and m["order_source"] == "flags"
     assert m["teacher_accuracy"] == {"C": 0.75, "A": 0.5, "B": 0.5}
     assert m["teacher_share"] == {"C": {"rows": 3, "share": 0.75}, "B": {"rows": 1, "share": 0.25}}
     assert m["skipped"] == {"not_verified_correct": 5}
@@ -142,6 +142,29 @@ def test_random_is_seeded_and_uniform_over_candidates(pool: Path, tmp_path: Path
     assert chosen(read_jsonl(tmp_path / "o" / "random" / "seed_1" / "random_seed_1_selected.jsonl")) == [
         ("q1", "A"), ("q2", "B"), ("q3", "C"), ("q4", "C")]
     assert m["parameters"]["seed"] == 1
+
+
+def test_strongest_refuses_flags_that_cannot_rank_the_teachers(tmp_path: Path):
+    """A pool of verified answers only: every teacher at 1.0, so only names would be left to rank by."""
+    d = tmp_path / "verified_only"
+    d.mkdir()
+    for t in ("A", "B"):
+        write_jsonl(d / f"{t}.jsonl", [{"id": f"q{i}", "instruction": "Q", "teacher_output": f"{t}{i}",
+                                        "teacher_correct": True} for i in range(3)])
+    with pytest.raises(ScasError, match=r"every teacher has accuracy 1\.000 .*--teacher-accuracy FILE"):
+        select(d, tmp_path / "o", "strongest")
+    assert not (tmp_path / "o").exists()
+    acc = tmp_path / "acc.json"  # verify's format
+    acc.write_text(json.dumps({"A": {"correct": 1, "incorrect": 2, "undecided": 0, "total": 3, "accuracy": 1 / 3},
+                               "B": {"correct": 2, "incorrect": 1, "undecided": 0, "total": 3, "accuracy": 2 / 3}}))
+    m = select(d, tmp_path / "o", "strongest", teacher_accuracy=acc)
+    assert m["order_source"] == str(acc) and m["teacher_order"] == ["B", "A"] and "ties_broken_by_name" not in m
+    assert m["teacher_share"] == {"B": {"rows": 3, "share": 1.0}}
+    manifest = json.loads((tmp_path / "o" / "strongest" / "manifest.json").read_text())
+    assert manifest["order_source"] == str(acc)
+    acc.write_text(json.dumps({"A": {"correct": 1}, "B": 0.5}))
+    with pytest.raises(ScasError, match="teacher 'A' has no \"accuracy\" field"):
+        select(d, tmp_path / "o2", "strongest", teacher_accuracy=acc)
 
 
 def test_baselines_on_score_files_carry_scores_and_ranks(tmp_path: Path):
