@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scas_jax.convert.gguf_meta import GGUFMetadata, hf_config, hf_tokenizer
 from scas_jax.convert.safetensors_io import SafetensorsFile
 from scas_jax.errors import ScasError
 from scas_jax.models.config import read_hf_config
@@ -77,7 +78,10 @@ def _reverse_llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class GGUFSource:
-    """A GGUF file; quantised tensors are dequantised to float32 as they are read."""
+    """A GGUF file; quantised tensors are dequantised to float32 as they are read.
+
+    The config and tokenizer are rebuilt from the metadata by :mod:`gguf_meta`.
+    """
 
     def __init__(self, path: Path):
         import gguf
@@ -87,18 +91,15 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # the gguf package raises plain ValueError/OSError
             raise ScasError(f"{self.path}: not a readable GGUF file ({e})") from None
-        self.arch = self._field("general.architecture")
+        self.meta = GGUFMetadata(self._reader, self.path)
+        self.arch = self.meta.architecture()
         self._tensors = {}
         for t in self._reader.tensors:
             self._tensors[self._hf_name(t.name)] = t
         self.names = set(self._tensors)
         self.config_where = str(self.path)
-        self.hf_config = self._config()
+        self.hf_config = hf_config(self.meta)
         self.tokenizer_dir = None
-
-    def _field(self, key: str):
-        f = self._reader.fields.get(key)
-        return None if f is None else f.contents()
 
     @staticmethod
     def _hf_name(name: str) -> str:
@@ -108,18 +109,6 @@ class GGUFSource:
         if m and m.group(2) in _GGUF_TO_HF:
             return f"model.layers.{m.group(1)}.{_GGUF_TO_HF[m.group(2)]}.{m.group(3)}"
         return f"gguf:{name}"
-
-    def _config(self) -> dict:
-        from transformers import AutoConfig
-
-        try:
-            cfg = AutoConfig.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except Exception as e:
-            raise ScasError(f"{self.path}: cannot read the model config from GGUF ({e})") from None
-        d = cfg.to_dict()
-        d.pop("quantization_config", None)
-        d["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        return d
 
     def get(self, name: str) -> np.ndarray:
         import gguf
@@ -135,9 +124,8 @@ class GGUFSource:
         return w
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        """The tokenizer the metadata describes (a ``PreTrainedTokenizerFast``)."""
+        return hf_tokenizer(self.meta)
 
     def describe(self) -> str:
         return str(self.path)

@@ -1,0 +1,244 @@
+"""A Hugging Face config dict and tokenizer from a GGUF file's metadata, with no torch.
+
+A GGUF file carries no ``config.json`` or ``tokenizer.json``: llama.cpp writes both as
+metadata. This module reads them back with the ``gguf`` package alone:
+
+- :func:`hf_config` -> a ``config.json``-style dict (what
+  :func:`scas_jax.models.config.config_from_hf` reads, and what ``export`` writes out);
+- :func:`hf_tokenizer` -> a ``transformers.PreTrainedTokenizerFast`` over a
+  ``tokenizers.Tokenizer`` (byte-level BPE only: ``tokenizer.ggml.model == "gpt2"``),
+  with its special tokens and chat template.
+
+Both follow transformers' own GGUF reading, so ids and config values agree with it.
+Anything this module does not understand is a :class:`ScasError` naming the file and key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scas_jax.errors import ScasError
+
+# general.architecture -> Hugging Face model_type. llama.cpp writes Mistral models as
+# "llama" (same layout, no sliding window in the metadata), so they load as llama.
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (gguf.TokenType)
+
+# tokenizer.ggml.pre -> the split regex applied before byte-level BPE; None: GPT-2's own.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZERS = {
+    "default": None,
+    "gpt2": None,
+    "smollm": None,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "llama3": _LLAMA3_SPLIT,
+    "llama-v3": _LLAMA3_SPLIT,
+    "smaug-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+    "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
+
+
+class GGUFMetadata:
+    """The key/value metadata of an open ``gguf.GGUFReader``, with errors naming the file."""
+
+    def __init__(self, reader, path: str | Path):
+        self.path = Path(path)
+        self._fields = reader.fields
+        self.tensor_names = frozenset(t.name for t in reader.tensors)
+
+    def get(self, key: str, default=None):
+        f = self._fields.get(key)
+        return default if f is None else f.contents()
+
+    def require(self, key: str):
+        f = self._fields.get(key)
+        if f is None:
+            raise ScasError(f"{self.path}: GGUF metadata has no {key!r}")
+        return f.contents()
+
+    def architecture(self) -> str:
+        arch = self.require("general.architecture")
+        if arch not in MODEL_TYPES:
+            raise ScasError(
+                f"{self.path}: general.architecture {arch!r} is not supported "
+                f"(supported: {', '.join(MODEL_TYPES)})"
+            )
+        return arch
+
+
+def _rope_scaling(meta: GGUFMetadata, arch: str) -> dict | None:
+    """``rope_scaling`` in the transformers<5 layout, or None for plain RoPE."""
+    if "rope_freqs.weight" in meta.tensor_names:
+        raise ScasError(
+            f"{meta.path}: RoPE frequencies stored as tensor 'rope_freqs.weight' (llama3 scaling) "
+            "are not supported; convert from the Hugging Face directory instead"
+        )
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor")
+    if kind is None and meta.get(f"{arch}.rope.scale_linear") is not None:
+        kind, factor = "linear", meta.get(f"{arch}.rope.scale_linear")
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    if factor is None:
+        raise ScasError(f"{meta.path}: GGUF metadata has no {arch + '.rope.scaling.factor'!r}")
+    scaling = {"rope_type": kind, "factor": float(factor)}
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def hf_config(meta: GGUFMetadata) -> dict:
+    """The Hugging Face config dict the metadata describes.
+
+    Keys: ``model_type``, ``vocab_size`` (``<arch>.vocab_size``, else the token list's
+    length), sizes, head counts, ``head_dim`` (``attention.key_length``, else
+    ``rope.dimension_count``, else hidden/heads), ``rms_norm_eps``, ``rope_theta``,
+    ``rope_scaling`` when set, ``max_position_embeddings``, ``tie_word_embeddings`` (True
+    when the file has no ``output.weight``), biases from the tensors present, and the
+    bos/eos/pad token ids the tokenizer metadata names.
+    """
+    arch = meta.architecture()
+
+    def key(name: str):
+        return meta.require(f"{arch}.{name}")
+
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv", heads)
+    if isinstance(kv_heads, list):
+        raise ScasError(f"{meta.path}: per-layer {arch}.attention.head_count_kv is not supported")
+    head_dim = meta.get(f"{arch}.attention.key_length", meta.get(f"{arch}.rope.dimension_count"))
+    vocab = meta.get(f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(meta.require("tokenizer.ggml.tokens"))
+    cfg = {
+        "model_type": MODEL_TYPES[arch],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv_heads),
+        "head_dim": int(head_dim) if head_dim is not None else hidden // heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(key("context_length")),
+        "tie_word_embeddings": "output.weight" not in meta.tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in meta.tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in meta.tensor_names,
+    }
+    scaling = _rope_scaling(meta, arch)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    for name, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                           ("pad_token_id", "padding_token_id")):
+        value = meta.get(f"tokenizer.ggml.{gguf_key}")
+        if value is not None:
+            cfg[name] = int(value)
+    return cfg
+
+
+def _byte_spelling() -> list[str]:
+    """GPT-2's printable character for each byte 0..255 (byte-level BPE's alphabet):
+    printable Latin-1 bytes stand for themselves, the rest map to chr(256 + n) in order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    spelling, extra = [], 256
+    for b in range(256):
+        if b in printable:
+            spelling.append(chr(b))
+        else:
+            spelling.append(chr(extra))
+            extra += 1
+    return spelling
+
+
+def hf_tokenizer(meta: GGUFMetadata):
+    """The byte-level BPE tokenizer of ``tokenizer.ggml.*`` as a ``PreTrainedTokenizerFast``.
+
+    Tokens typed CONTROL become special added tokens, USER_DEFINED ones plain added tokens
+    (both matched whole); bos/eos/unk/pad come from their ``*_token_id`` keys,
+    ``add_bos_token``/``add_eos_token`` from the file's flags (default off), and
+    ``chat_template`` from ``tokenizer.chat_template``.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    kind = meta.require("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ScasError(
+            f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', "
+            "byte-level BPE); convert from the Hugging Face directory instead"
+        )
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ScasError(
+            f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported "
+            f"(supported: {', '.join(PRE_TOKENIZERS)})"
+        )
+    tokens = meta.require("tokenizer.ggml.tokens")
+    merges = meta.require("tokenizer.ggml.merges")
+    types = meta.get("tokenizer.ggml.token_type") or []
+
+    spelling = _byte_spelling()
+    alphabet = set(spelling)
+
+    def spelled(token: str) -> str:
+        if set(token) <= alphabet:
+            return token
+        return "".join(spelling[b] for b in token.encode("utf-8"))
+
+    vocab = {spelled(t): i for i, t in enumerate(tokens)}
+    bpe = models.BPE(
+        vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
+        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+    )
+    backend = Tokenizer(bpe)
+    split = PRE_TOKENIZERS[pre]
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    backend.decoder = decoders.ByteLevel()
+    # a CONTROL token outside the byte alphabet is a mislabel by llama.cpp: adding it
+    # would grow the vocabulary past the embedding, so it stays an ordinary entry
+    backend.add_special_tokens([
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet
+    ])
+    backend.add_tokens([
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab
+    ])
+
+    def token_of(gguf_key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{gguf_key}")
+        if i is None:
+            return None
+        if not 0 <= int(i) < len(tokens):
+            raise ScasError(f"{meta.path}: tokenizer.ggml.{gguf_key} {i} is outside the "
+                            f"vocabulary of {len(tokens)} tokens")
+        return tokens[int(i)]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token_of("bos_token_id"),
+        eos_token=token_of("eos_token_id"),
+        unk_token=token_of("unknown_token_id"),
+        pad_token=token_of("padding_token_id"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        chat_template=meta.get("tokenizer.chat_template"),
+    )
