@@ -96,3 +96,99 @@ def test_cli_convert_bf16_then_load(tiny_hf_dirs, tmp_path):
     assert st.param_dtype == "bfloat16"
     assert st.params["layers"]["self_attn"]["q_norm"]["scale"].dtype == jnp.bfloat16
     assert st.params["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 112)
+
+
+# ---- safetensors files are input too: every malformed layout is a ScasError -----------
+
+
+def _raw_safetensors(path, header: dict, data: bytes, header_len: int | None = None):
+    """Write a safetensors file byte by byte (header length overridable)."""
+    import struct
+
+    blob = json.dumps(header).encode() if isinstance(header, dict) else header
+    n = len(blob) if header_len is None else header_len
+    path.write_bytes(struct.pack("<Q", n) + blob + data)
+    return path
+
+
+def _two_tensors():
+    return {"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+            "b": {"dtype": "BF16", "shape": [4], "data_offsets": [24, 32]}}
+
+
+def test_safetensors_valid_file_reads_back(tmp_path):
+    import ml_dtypes
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([1, -2, 0.5, 3], dtype=ml_dtypes.bfloat16)
+    f = SafetensorsFile(_raw_safetensors(tmp_path / "ok.safetensors", _two_tensors(),
+                                         a.tobytes() + b.tobytes()))
+    assert f.keys() == ["a", "b"]
+    np.testing.assert_array_equal(f.get("a"), a)
+    assert f.get("b").dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(f.get("b"), b)
+
+
+def test_safetensors_truncated(tmp_path):
+    p = _raw_safetensors(tmp_path / "t.safetensors", _two_tensors(), bytes(32))
+    p.write_bytes(p.read_bytes()[:-5])
+    with pytest.raises(ScasError, match=r"t\.safetensors: tensor 'b': data_offsets \[24, 32\] run past "
+                                        r"the data section \(27 bytes\)"):
+        SafetensorsFile(p)
+    p.write_bytes(p.read_bytes()[:20])  # now the header itself is cut
+    with pytest.raises(ScasError, match=r"t\.safetensors: header length \d+ exceeds the file \(20 bytes\)"):
+        SafetensorsFile(p)
+    p.write_bytes(b"\x01\x02")
+    with pytest.raises(ScasError, match=r"t\.safetensors: not a safetensors file \(2 bytes"):
+        SafetensorsFile(p)
+
+
+def test_safetensors_corrupted_header(tmp_path):
+    blob = json.dumps(_two_tensors()).encode()
+    p = _raw_safetensors(tmp_path / "c.safetensors", blob[:10] + b"\xff" + blob[11:], bytes(32))
+    with pytest.raises(ScasError, match=r"c\.safetensors: header is not valid JSON"):
+        SafetensorsFile(p)
+    p = _raw_safetensors(tmp_path / "c.safetensors", b"[1, 2]", b"")
+    with pytest.raises(ScasError, match=r"c\.safetensors: header is not a JSON object"):
+        SafetensorsFile(p)
+
+
+def test_safetensors_oversized_header_length(tmp_path):
+    p = _raw_safetensors(tmp_path / "o.safetensors", _two_tensors(), bytes(32), header_len=2**62)
+    with pytest.raises(ScasError, match=r"o\.safetensors: header length 4611686018427387904 exceeds "
+                                        r"the 104857600-byte limit"):
+        SafetensorsFile(p)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h["a"].update(shape=[2, 4]),
+     r"tensor 'a': data_offsets \[0, 24\] hold 24 bytes but F32 shape \[2, 4\] needs 32"),
+    (lambda h: h["b"].update(data_offsets=[20, 28]), r"tensors 'a' and 'b' overlap"),
+    (lambda h: h["a"].update(data_offsets=[24, 0]), r"tensor 'a': data_offsets \[24, 0\] is not \[begin, end\]"),
+    (lambda h: h["b"].update(shape=[-4]), r"tensor 'b': shape \[-4\] is not a list"),
+    (lambda h: h["b"].update(shape=[2], data_offsets=[24, 28]),
+     r"the tensors cover 28 bytes but the data section holds 32"),
+])
+def test_safetensors_offsets_inconsistent_with_shape(tmp_path, edit, message):
+    header = _two_tensors()
+    edit(header)
+    p = _raw_safetensors(tmp_path / "s.safetensors", header, bytes(32))
+    with pytest.raises(ScasError, match=r"s\.safetensors: " + message):
+        SafetensorsFile(p)
+
+
+def test_safetensors_unknown_dtype(tmp_path):
+    header = _two_tensors()
+    header["b"]["dtype"] = "F8_E4M3"
+    p = _raw_safetensors(tmp_path / "d.safetensors", header, bytes(32))
+    with pytest.raises(ScasError, match=r"d\.safetensors: tensor 'b': unsupported dtype 'F8_E4M3'"):
+        SafetensorsFile(p)
+
+
+def test_convert_refuses_truncated_checkpoint(tiny_hf_dirs, tmp_path):
+    d = _copy(tiny_hf_dirs["qwen2_bias"], tmp_path / "m")
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-100])
+    with pytest.raises(ScasError, match=r"model\.safetensors: .*truncated file\?"):
+        convert(d, tmp_path / "out")
+    _assert_untouched(tmp_path / "out")
