@@ -206,12 +206,12 @@ def test_dynamic_resume_exact(setup, tmp_path):
 def test_dynamic_bad_input(setup, tmp_path):
     student, pool, root = setup
     data = write_jsonl(tmp_path / "sft.jsonl", [{"instruction": "1+1?", "output": "2"}])
-    with pytest.raises(ScasError, match="selection=dynamic needs --candidate-dir"):
+    with pytest.raises(ScasError, match="selection=dynamic selects answers during training: it needs --candidate-dir"):
         train(student, data, tmp_path / "a", None, BASE, progress=False)
     with pytest.raises(ScasError, match="either --data .* or --candidate-dir .*not both"):
         train(student, data, tmp_path / "b", None, BASE, candidate_dir=pool, progress=False)
-    with pytest.raises(ScasError, match="selection=static needs --data"):
-        train(student, None, tmp_path / "c", None, [], candidate_dir=pool, progress=False)
+    with pytest.raises(ScasError, match=r"nothing to train on: give --data FILE .*drop selection=static"):
+        train(student, None, tmp_path / "c", None, ["selection=static"], candidate_dir=pool, progress=False)
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "alpha_teacher_responses.jsonl").write_text("")
@@ -223,5 +223,5 @@ def test_dynamic_bad_input(setup, tmp_path):
     with pytest.raises(ScasError, match="selected_group must be in 1..num_groups"):
         train(student, None, tmp_path / "f", None, [*BASE, "num_groups=2", "selected_group=3"],
               candidate_dir=pool, progress=False)
-    for d in "abcdef":  # no checkpoint was written
-        assert not [p for p in (tmp_path / d).rglob("*") if p.name.isdigit()]
+    for d in "abcdef":  # a failed start leaves no directory
+        assert not (tmp_path / d).exists(), d
