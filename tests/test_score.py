@@ -342,7 +342,7 @@ def test_error_rows_unverified_too_long_and_partial_ids(tiny_llama, tmp_path):
     assert_metrics_close(rows_b2[1], rows_b[0], "same row, other batches", rel=1e-5)
 
 
-def test_skip_existing_leaves_finished_teachers_alone(tiny_llama, tmp_path):
+def test_skip_existing_keeps_only_files_made_the_same_way(tiny_llama, tmp_path, capsys):
     pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 2) for t in TEACHERS[:2]})
     out = tmp_path / "out"
     kw = dict(mesh=one_device_mesh(), batch_tokens=1024, max_length=1024, progress=False)
@@ -360,6 +360,63 @@ def test_skip_existing_leaves_finished_teachers_alone(tiny_llama, tmp_path):
     assert redo.read_bytes() == redo_bytes
     m = score(tiny_llama, pool, out, skip_existing=True, **kw)  # nothing left to do
     assert m["rows"] == 0 and {t["status"] for t in m["teachers"].values()} == {"existing"}
+    capsys.readouterr()
+
+    def statuses(m):
+        return {t: (e["status"], e.get("rescored_because")) for t, e in m["teachers"].items()}
+
+    # another lambda: every file was made otherwise, so every file is rescored, and said so
+    m = score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, **kw)
+    why = "made with other inputs or settings: lambda_scas 0.5 -> 0.3"
+    assert statuses(m) == {t: ("scored", why) for t in TEACHERS[:2]}
+    err = capsys.readouterr().err
+    assert f"{TEACHERS[0]}: rescoring {keep}: {why}" in err
+    assert all(r["lambda_scas"] == 0.3 for r in read_jsonl(keep))
+    # another student (the same tiny model with other weights) and another target layer
+    other = dataclasses.replace(tiny_llama, params=jax.tree.map(lambda x: x * 1.01, tiny_llama.params))
+    m = score(other, pool, out, skip_existing=True, lambda_scas=0.3, target_layer="layers.0.residual", **kw)
+    why = 'made with other inputs or settings: student changed; target_layer "layers.-1.mlp.up_proj" -> "layers.0.residual"'
+    assert {e["rescored_because"] for e in m["teachers"].values()} == {why}
+    m = score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, **kw)  # back: rescored
+    assert {e["status"] for e in m["teachers"].values()} == {"scored"}
+    # a limit, or one changed candidate row, rescores exactly the files concerned
+    m = score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, limit=1, **kw)
+    assert {e["rescored_because"] for e in m["teachers"].values()} == {
+        "made with other inputs or settings: limit null -> 1"}
+    score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, **kw)
+    rows = gsm8k(TEACHERS[0], 2)
+    rows[1]["teacher_output"] += " Done."
+    write_pool(pool, {f"{TEACHERS[0]}.jsonl": rows})
+    m = score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, **kw)
+    assert statuses(m) == {TEACHERS[0]: ("scored", "made with other inputs or settings: input_sha256 changed"),
+                           TEACHERS[1]: ("existing", None)}
+    assert read_jsonl(keep)[1]["teacher_output"].endswith(" Done.")
+    # a score file edited since it was written, or no record of how it was made
+    with open(redo, "a", encoding="utf-8") as f:
+        f.write("{}\n")
+    m = score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, **kw)
+    assert statuses(m)[TEACHERS[1]] == (
+        "scored", "its content changed since it was written (sha256 differs from manifest.json)")
+    assert statuses(m)[TEACHERS[0]] == ("existing", None)
+    (out / "manifest.json").unlink()
+    m = score(tiny_llama, pool, out, skip_existing=True, lambda_scas=0.3, **kw)
+    assert {e["rescored_because"] for e in m["teachers"].values()} == {
+        "manifest.json has no record of the settings it was made with"}
+    assert read_jsonl(redo) == [r for r in read_jsonl(redo) if r]  # the stray line is gone
+
+
+def test_score_help_is_plain_and_complete():
+    from scas_jax.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)]
+    p = sub.choices["score"]
+    assert "\n" not in p.description.strip()
+    for markup in ("``", ":class:", ":func:", ":mod:"):
+        assert markup not in p.description and markup not in p.format_help()
+    options = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 12 and all(a.help for a in options), [a.dest for a in options if not a.help]
+    assert "(default 4096" not in p.format_help()  # the cli adds defaults, once
 
 
 # ------------------------------------------------------------------ resume
@@ -390,40 +447,49 @@ def _score_cmd(student: Path, pool: Path, out: Path) -> list[str]:
             "--batch-tokens", "512", "--max-length", "1024", "--lambda-scas", "0.4"]
 
 
-def _env(delay: float = 0.0) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    if delay:
-        env["SCAS_JAX_BATCH_DELAY"] = str(delay)
-    return env
+# The same run as _score_cmd through the Python API, with a batch callback that, once two
+# batches are journaled, tells the test (a marker file) and waits to be killed.
+_VICTIM = """
+import sys, time
+from pathlib import Path
+from scas_jax.scoring.commands import score
+
+def on_batch(done, total):
+    if done >= 2:
+        Path(sys.argv[4]).write_text(f"{done} {total}")
+        time.sleep(600)
+
+score(sys.argv[1], sys.argv[2], sys.argv[3], limit=8, batch_tokens=512, max_length=1024,
+      lambda_scas=0.4, progress=False, on_batch=on_batch)
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+            "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
 
 
 def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
     pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 8) for t in TEACHERS})
-    ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    # the uninterrupted run, concurrently with the run we kill (which mostly sleeps)
+    ref_out, out, marker = tmp_path / "uninterrupted", tmp_path / "killed", tmp_path / "two_done"
+    # the uninterrupted run, concurrently with the run we kill (which waits to be killed)
     ref = subprocess.Popen(_score_cmd(tiny_llama_dir, pool, ref_out), env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen(_score_cmd(tiny_llama_dir, pool, out), env=_env(delay=0.4),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal_dir = out / JOURNAL_DIR
-    deadline = time.time() + 120
-    lines = 0
-    while time.time() < deadline and victim.poll() is None:
-        files = list(journal_dir.glob("*.jsonl")) if journal_dir.exists() else []
-        if files:
-            lines = files[0].read_bytes().count(b"\n")
-            if lines >= 3:  # header + at least 2 finished batches
-                break
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run finished before it could be killed"
+    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, str(tiny_llama_dir), str(pool),
+                               str(out), str(marker)], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None and not marker.exists():
+        time.sleep(0.05)
+    assert victim.poll() is None, victim.stderr.read()
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
+    victim.stderr.close()
     assert victim.returncode == -signal.SIGKILL
     assert not list(out.glob("*_scas_scores.jsonl")) and not (out / "manifest.json").exists()
+    journal_dir = out / JOURNAL_DIR
     (journal,) = journal_dir.glob("*.jsonl")
-    journaled = journal.read_bytes().count(b"\n") - 1
-    assert journaled >= 2
+    assert journal.read_bytes().count(b"\n") - 1 == 2  # header + exactly the 2 batches reported
 
     stdout, stderr = ref.communicate(timeout=300)
     assert ref.returncode == 0, stderr
@@ -434,8 +500,8 @@ def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
     m_ref = json.loads((ref_out / "manifest.json").read_text())
     m = json.loads((out / "manifest.json").read_text())
     assert m_ref["resumed_batches"] == 0 and m_ref["scored_batches"] == m_ref["batches"] >= 4
-    assert m["resumed_batches"] == journaled < m["batches"]  # journaled batches not redone
-    assert m["scored_batches"] == m["batches"] - journaled == m_ref["batches"] - journaled
+    assert m["resumed_batches"] == 2 < m["batches"]  # journaled batches not redone
+    assert m["scored_batches"] == m["batches"] - 2 == m_ref["batches"] - 2
     assert m["fingerprint"] == m_ref["fingerprint"]
     names = sorted(p.name for p in ref_out.glob("*_scas_scores.jsonl"))
     assert names == sorted(f"{t}_scas_scores.jsonl" for t in TEACHERS)
@@ -445,3 +511,75 @@ def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
     assert "scoring" in stderr and "tok/s" in stderr  # the progress bar
     rows = read_jsonl(out / names[0])
     assert rows and all(r["lambda_scas"] == 0.4 for r in rows)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _stop_after(n: int):
+    """A batch callback that interrupts the run once ``n`` batches are journaled."""
+    def on_batch(done, total):
+        if done >= n:
+            raise _Interrupted(f"{done}/{total}")
+    return on_batch
+
+
+def test_resume_follows_content_not_paths_or_mtimes(tiny_llama, tmp_path, capsys):
+    rows = {t: gsm8k(t, 4) for t in TEACHERS[:2]}
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": r for t, r in rows.items()})
+    out = tmp_path / "out"
+    kw = dict(mesh=one_device_mesh(), batch_tokens=256, max_length=1024, max_segments=1,
+              progress=False)
+
+    def interrupt(candidates):
+        with pytest.raises(_Interrupted):
+            score(tiny_llama, candidates, out, on_batch=_stop_after(2), **kw)
+        (journal,) = (out / JOURNAL_DIR).glob("*.jsonl")
+        assert journal.read_bytes().count(b"\n") == 3  # header + 2 batches
+
+    interrupt(pool)
+    copy = tmp_path / "copy"  # another directory, new mtimes, same bytes: resumes
+    copy.mkdir()
+    for f in pool.iterdir():
+        shutil.copyfile(f, copy / f.name)
+    m = score(tiny_llama, copy, out, **kw)
+    assert m["resumed_batches"] == 2 and m["scored_batches"] == m["batches"] - 2 > 0
+    assert m["stale_journals"] == {}
+    first = {t: (out / f"{t}_scas_scores.jsonl").read_bytes() for t in TEACHERS[:2]}
+
+    interrupt(copy)  # touched: resumes, same bytes as before
+    for f in copy.iterdir():
+        st = f.stat()
+        os.utime(f, ns=(st.st_atime_ns + 10**9, st.st_mtime_ns + 10**9))
+    m = score(tiny_llama, copy, out, **kw)
+    assert m["resumed_batches"] == 2
+    assert {t: (out / f"{t}_scas_scores.jsonl").read_bytes() for t in TEACHERS[:2]} == first
+    assert "starting over" not in capsys.readouterr().err
+
+    interrupt(copy)  # one row changed: starts over, and says why in one line
+    changed = [dict(r) for r in rows[TEACHERS[1]]]
+    changed[3] = {**changed[3], "teacher_output": "The answer is 42.", "teacher_correct": True}
+    write_pool(copy, {f"{TEACHERS[1]}.jsonl": changed})
+    m = score(tiny_llama, copy, out, **kw)
+    assert m["resumed_batches"] == 0 and m["scored_batches"] == m["batches"]
+    (why,) = m["stale_journals"].values()
+    assert why.startswith(f"inputs.{TEACHERS[1]} changed; ")  # and the tokens changed with it
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if "starting over" in line] == [
+        f"scas-jax score: not resuming {next(iter(m['stale_journals']))}, starting over: {why}"]
+    assert read_jsonl(out / f"{TEACHERS[1]}_scas_scores.jsonl")[-1]["teacher_output"] == "The answer is 42."
+
+
+def test_stale_journal_reasons(tmp_path):
+    from scas_jax.scoring.journal import stale_reasons
+
+    old = {"lambda_scas": 0.3, "inputs": {"a": "1" * 64, "b": "2" * 64}, "limit": None}
+    new = {"lambda_scas": 0.5, "inputs": {"a": "1" * 64, "b": "3" * 64}, "limit": 8}
+    Journal(tmp_path, "old", 2, parts=old).close()
+    Journal(tmp_path, "new", 2, parts=new).close()
+    (tmp_path / JOURNAL_DIR / "junk.jsonl").write_text("not json\n")
+    assert stale_reasons(tmp_path, "new", new) == {
+        tmp_path / JOURNAL_DIR / "junk.jsonl": "written by another version of scas_jax",
+        tmp_path / JOURNAL_DIR / "old.jsonl": "inputs.b changed; lambda_scas 0.3 -> 0.5; limit null -> 8",
+    }

@@ -1,33 +1,51 @@
 """``scas-jax score``: SCAS fields for every candidate of a pool, resumable.
 
-``score(student, candidate_dir, output_dir, ...)`` validates everything (pool, lambda,
-target layer, settings, student path) before loading the model, tokenizes and plans the
-whole pool once (:func:`scas_jax.scoring.scorer.prepare`), scores the planned batches
-with the jitted core, journals every finished batch (:mod:`scas_jax.scoring.journal`),
-and finally writes ``<teacher>_scas_scores.jsonl`` per teacher file and
-``manifest.json`` atomically, then deletes the journal. A run killed at any moment
-and restarted with the same command skips the journaled batches and ends with the same
-bytes in every score file.
+:func:`score` is five steps, each a function below:
+
+1. :func:`_validate`: settings, the student's config and tokenizer files, and the whole
+   pool, before any model loads (every problem is a :class:`ScasError`);
+2. :func:`_plan`: content identities of the student and of every candidate file, which
+   teachers ``--skip-existing`` may keep (those whose manifest record says they were
+   made from the same inputs and settings), the manifest's settings;
+3. :func:`_load`: the student's parameters on the mesh;
+4. :func:`_run`: tokenize and plan the batches once (:func:`scorer.prepare`), score the
+   batches the journal (:mod:`scas_jax.scoring.journal`) does not list yet, journaling
+   each one as it finishes;
+5. :func:`_write`: ``<teacher>_scas_scores.jsonl`` per teacher and ``manifest.json``,
+   each atomically, then delete the journal.
+
+A run killed at any moment and restarted with the same command skips the journaled
+batches and ends with the same bytes in every score file.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from scas_jax.data.layout import score_file_name
 from scas_jax.errors import ScasError
 from scas_jax.scoring.core import DEFAULT_TAP
 
 DTYPES = ("float32", "bfloat16")
-OUTPUT_SUFFIX = "_scas_scores.jsonl"
 MANIFEST = "manifest.json"
-# Seconds to sleep after each journaled batch: a testing aid that makes a real kill
-# land between batches deterministically (tests/test_score.py). Never set in production.
-_DELAY_ENV = "SCAS_JAX_BATCH_DELAY"
+# Version of the per-teacher record in the manifest: bump it when score files made by
+# the same inputs and settings would change (new fields, other semantics), so that
+# --skip-existing rescores files written by older code.
+RECORD_VERSION = 1
+# Settings that change the content of a score file. batch_tokens and the mesh only
+# regroup rows into batches (bitwise identical results, tests/test_score.py); the
+# packing limit max_segments changes the compiled program, hence it counts.
+RESULT_SETTINGS = ("lambda_scas", "target_layer", "dtype", "max_length", "max_segments",
+                   "limit", "include_unverified")
+
+BatchCallback = Callable[[int, int], None]
+
+# ---------------------------------------------------------------- 1. validate
 
 
 def _check_settings(lambda_scas: float, target_layer: str, batch_tokens: int, max_length: int,
@@ -80,6 +98,202 @@ def _student_preflight(path: Path, target_layer: str) -> int | None:
     return n
 
 
+@dataclasses.dataclass
+class Request:
+    """A validated scoring request: everything :func:`score` was asked, checked."""
+
+    student: Any  # a loaded Student, else None
+    student_path: Path | None  # the student's path, else None
+    pool: Any  # scas_jax.data.pool.Pool
+    candidate_dir: Path
+    output_dir: Path
+    cfg: Any  # scas_jax.scoring.scorer.ScoreConfig
+    limit: int | None
+    include_unverified: bool
+    skip_existing: bool
+    mesh: Any
+    progress: bool
+    on_batch: BatchCallback | None
+
+    @property
+    def student_name(self) -> str:
+        return str(self.student_path) if self.student_path else self.student.source
+
+    def result_settings(self) -> dict:
+        """The settings that change a score file's content (:data:`RESULT_SETTINGS`)."""
+        c = self.cfg
+        return {"lambda_scas": c.lambda_scas, "target_layer": c.target_layer, "dtype": c.dtype,
+                "max_length": c.max_length, "max_segments": c.max_segments, "limit": self.limit,
+                "include_unverified": self.include_unverified}
+
+
+def _validate(student, candidate_dir, output_dir, *, lambda_scas, target_layer, mesh,
+              batch_tokens, max_length, limit, skip_existing, include_unverified, dtype,
+              max_segments, progress, on_batch) -> Request:
+    """Check every setting, the student (config and tokenizer files only) and the whole
+    pool; ScasError on the first problem. No model is loaded."""
+    from scas_jax.data.pool import read_pool
+    from scas_jax.loader import Student, resolve_path
+    from scas_jax.models.decoder import parse_tap
+    from scas_jax.scoring.scorer import ScoreConfig
+
+    lam = _check_settings(lambda_scas, target_layer, batch_tokens, max_length, limit, dtype,
+                          max_segments)
+    if isinstance(student, Student):
+        num_layers, student_path = student.cfg.num_layers, None
+    else:
+        student_path = resolve_path(student)
+        if not student_path.exists():
+            raise ScasError(f"student {student_path}: no such file or directory")
+        num_layers = _student_preflight(student_path, target_layer)
+    if num_layers is not None:
+        parse_tap(target_layer, num_layers)
+    pool = read_pool(candidate_dir, include_unverified=include_unverified, limit=limit)
+    cfg = ScoreConfig(lambda_scas=lam, target_layer=target_layer, batch_tokens=int(batch_tokens),
+                      max_length=int(max_length), max_segments=int(max_segments), dtype=dtype)
+    return Request(student=None if student_path else student, student_path=student_path,
+                   pool=pool, candidate_dir=Path(candidate_dir), output_dir=Path(output_dir),
+                   cfg=cfg, limit=limit, include_unverified=bool(include_unverified),
+                   skip_existing=bool(skip_existing), mesh=mesh, progress=progress,
+                   on_batch=on_batch)
+
+
+# ---------------------------------------------------------------- 2. plan
+
+
+@dataclasses.dataclass
+class Plan:
+    """What a run will do, decided before the model loads.
+
+    records: per teacher, what its score file is made from (student identity, candidate
+    file sha256, result settings); stored in the manifest for ``--skip-existing``.
+    todo: the pool files to score; kept: teacher -> its previous manifest entry.
+    replaced: teacher -> why an existing score file is rescored under ``--skip-existing``.
+    """
+
+    mesh: Any
+    student_id: str
+    records: dict[str, dict]
+    outputs: dict[str, Path]
+    todo: list
+    kept: dict[str, dict]
+    replaced: dict[str, str]
+
+
+def _student_id(req: Request) -> str:
+    from scas_jax.scoring.identity import model_identity, student_identity
+
+    if req.student is not None:
+        return student_identity(req.student)
+    return model_identity(req.student_path)
+
+
+def _teacher_record(req: Request, student_id: str, input_sha256: str) -> dict:
+    return {"version": RECORD_VERSION, "student": student_id, "input_sha256": input_sha256,
+            **req.result_settings()}
+
+
+def _previous_teachers(output_dir: Path) -> dict[str, dict]:
+    """``teachers`` of the manifest already in ``output_dir`` ({} when none or unreadable)."""
+    import json
+
+    try:
+        manifest = json.loads((output_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    teachers = manifest.get("teachers") if isinstance(manifest, dict) else None
+    return teachers if isinstance(teachers, dict) else {}
+
+
+def _why_not_reusable(output: Path, previous: dict | None, record: dict) -> str | None:
+    """None when ``output`` may be kept: the manifest records it was made with ``record``
+    and it still has the bytes it was written with; else the reason, in a few words."""
+    from scas_jax.scoring.identity import differences, file_sha256
+
+    if not output.exists():
+        return "no score file yet"
+    if not previous or not isinstance(previous.get("record"), dict):
+        return f"{MANIFEST} has no record of the settings it was made with"
+    diff = differences(previous["record"], record)
+    if diff:
+        return "made with other inputs or settings: " + "; ".join(diff)
+    if previous.get("output_sha256") != file_sha256(output):
+        return f"its content changed since it was written (sha256 differs from {MANIFEST})"
+    return None
+
+
+def _plan(req: Request) -> Plan:
+    """Identify the student and every candidate file by content; under
+    ``--skip-existing``, keep the score files whose record matches (and say why the
+    others are rescored)."""
+    from scas_jax.scoring.identity import file_sha256
+
+    student_id = _student_id(req)
+    records = {f.teacher: _teacher_record(req, student_id, file_sha256(f.path))
+               for f in req.pool.files}
+    outputs = {f.teacher: req.output_dir / score_file_name(f.teacher) for f in req.pool.files}
+    kept: dict[str, dict] = {}
+    replaced: dict[str, str] = {}
+    if req.skip_existing:
+        previous = _previous_teachers(req.output_dir)
+        for teacher, output in outputs.items():
+            reason = _why_not_reusable(output, previous.get(teacher), records[teacher])
+            if reason is None:
+                kept[teacher] = previous[teacher]
+            elif output.exists():
+                replaced[teacher] = reason
+                _say(f"{teacher}: rescoring {output}: {reason}")
+    todo = [f for f in req.pool.files if f.teacher not in kept]
+    return Plan(mesh=_resolve_mesh(req.mesh), student_id=student_id, records=records,
+                outputs=outputs, todo=todo, kept=kept, replaced=replaced)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, from the main process only."""
+    from scas_jax.parallel import is_main_process
+
+    if is_main_process():
+        print(f"scas-jax score: {message}", file=sys.stderr, flush=True)
+
+
+def _manifest(req: Request, plan: Plan) -> dict[str, Any]:
+    """The manifest's settings and per-teacher entries; totals are added by the caller."""
+    from scas_jax.scoring.scorer import device_summary
+
+    c = req.cfg
+    teachers = {}
+    for f in req.pool.files:
+        t = f.teacher
+        entry = {"input": str(f.path), "output": str(plan.outputs[t]),
+                 "status": "existing" if t in plan.kept else "scored",
+                 "rows_read": f.n_read, "skipped_unverified": f.skipped_unverified,
+                 "record": plan.records[t]}
+        if t in plan.kept:
+            entry["output_sha256"] = plan.kept[t]["output_sha256"]
+        if t in plan.replaced:
+            entry["rescored_because"] = plan.replaced[t]
+        teachers[t] = entry
+    return {
+        "student": req.student_name,
+        "student_identity": plan.student_id,
+        "candidate_dir": str(req.candidate_dir),
+        "output_dir": str(req.output_dir),
+        "target_layer": c.target_layer,
+        "lambda_scas": c.lambda_scas,
+        "dtype": c.dtype,
+        "batch_tokens": c.batch_tokens,
+        "max_length": c.max_length,
+        "max_segments": c.max_segments,
+        "limit": req.limit,
+        "include_unverified": req.include_unverified,
+        "skip_existing": req.skip_existing,
+        "mesh": dict(plan.mesh.shape),
+        "devices": device_summary(),
+        "pool": _pool_summary_dict(req.pool.summary),
+        "teachers": teachers,
+    }
+
+
 def _resolve_mesh(mesh: Any):
     from jax.sharding import Mesh
 
@@ -88,12 +302,132 @@ def _resolve_mesh(mesh: Any):
     return mesh if isinstance(mesh, Mesh) else make_mesh(mesh or "data=-1")
 
 
-def _student_identity(source: str) -> dict:
-    from scas_jax.scoring.journal import file_identity
+def _pool_summary_dict(summary) -> dict:
+    return {
+        "files": summary.files, "rows_read": summary.rows_read, "rows": summary.rows,
+        "errors": summary.errors, "skipped_unverified": summary.skipped_unverified,
+        "rows_without_id": summary.rows_without_id, "ids": summary.ids,
+        "partial_ids": {k: list(v) for k, v in summary.partial_ids.items()},
+        "shadowed": [str(p) for p in summary.shadowed],
+    }  # fmt: skip
 
-    path = Path(source)
-    return {"path": str(path.resolve()) if path.exists() else source,
-            "files": file_identity(path) if path.exists() else []}
+
+# ---------------------------------------------------------------- 3. load
+
+
+def _load(req: Request, plan: Plan):
+    """``(Student, params on the mesh in the run's dtype)``; the model is read only now."""
+    import jax
+
+    from scas_jax.loader import load_student
+    from scas_jax.models.decoder import parse_tap
+    from scas_jax.parallel import shard_params
+
+    dtype = req.cfg.dtype
+    if req.student is not None:
+        st = req.student
+        params = shard_params(st.params, plan.mesh)
+        if dtype != st.param_dtype:
+            params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
+    else:
+        st = load_student(req.student_path, dtype=dtype, mesh=plan.mesh)
+        params = st.params
+    if st.tokenizer is None:
+        raise ScasError(f"student {st.source}: no tokenizer found beside the checkpoint")
+    parse_tap(req.cfg.target_layer, st.cfg.num_layers)
+    return st, params
+
+
+# ---------------------------------------------------------------- 4. run
+
+
+@dataclasses.dataclass
+class Run:
+    """The outcome of the scoring loop: every item's fields, from this run or the journal."""
+
+    items: list  # [(file-level teacher, Candidate)] in output order
+    prepared: Any  # scas_jax.scoring.scorer.Prepared
+    fields: dict[int, dict]  # item index -> metric fields (scored items only)
+    journal: Any
+    fingerprint: str
+    stale_journals: dict[str, str]
+    tokenize_time_s: float
+    scoring_time_s: float
+    new_tokens: int
+    new_rows: int
+
+
+def _journal_parts(req: Request, plan: Plan, prepared, divisor: int) -> dict[str, Any]:
+    """Everything that changes a journaled batch, by content (the journal's fingerprint)."""
+    import jax
+
+    return {
+        "student": plan.student_id,
+        "inputs": {f.teacher: plan.records[f.teacher]["input_sha256"] for f in plan.todo},
+        **req.result_settings(),
+        "batch_tokens": req.cfg.batch_tokens,
+        "mesh": dict(plan.mesh.shape), "batch_divisor": divisor,
+        "platform": jax.devices()[0].platform, "jax": jax.__version__,
+        "tokens_and_plan": _prepared_digest(prepared),
+    }  # fmt: skip
+
+
+def _open_journal(req: Request, plan: Plan, prepared, divisor: int):
+    """The run's journal, and ``{stale journal name: why it is not resumed}``."""
+    from scas_jax.parallel import is_main_process
+    from scas_jax.scoring.journal import Journal, fingerprint, stale_reasons
+
+    parts = _journal_parts(req, plan, prepared, divisor)
+    fp = fingerprint(parts)
+    journal = Journal(req.output_dir, fp, len(prepared.plans), write=is_main_process(),
+                      parts=parts)
+    stale = {}
+    if journal.resumed == 0:
+        stale = {p.name: why for p, why in stale_reasons(req.output_dir, fp, parts).items()}
+        for name, why in stale.items():
+            _say(f"not resuming {name}, starting over: {why}")
+    return journal, stale
+
+
+def _run(req: Request, plan: Plan, st, params) -> Run:
+    """Tokenize and plan once, then score every batch the journal does not list yet."""
+    from tqdm import tqdm
+
+    from scas_jax.parallel import batch_divisor, is_main_process
+    from scas_jax.scoring.scorer import iter_scored_batches, prepare
+
+    items = [(f.teacher, c) for f in plan.todo for c in f.rows]
+    divisor = batch_divisor(plan.mesh)
+    t0 = time.time()
+    prepared = prepare([c.row for _, c in items], st.tokenizer, req.cfg, row_multiple=divisor)
+    t_prep = time.time() - t0
+    journal, stale = _open_journal(req, plan, prepared, divisor)
+    n_batches = len(prepared.plans)
+    done = _agree_on_done(journal, n_batches)
+    lengths = [0 if isinstance(e, str) else e.length for e in prepared.encoded]
+    main = is_main_process()
+    bar = tqdm(total=sum(len(p.items) for p in prepared.plans),
+               initial=sum(len(v) for v in journal.done.values()), unit="row", desc="scoring",
+               disable=not (req.progress and main), dynamic_ncols=True, file=sys.stderr)
+    t_loop = time.time()
+    new_tokens = new_rows = 0
+    try:
+        for k, batch_items in iter_scored_batches(params, st.cfg, prepared, req.cfg, plan.mesh,
+                                                  skip=done.__contains__):
+            journal.record(k, batch_items)
+            new_rows += len(batch_items)
+            new_tokens += sum(lengths[i] for i, _ in batch_items)
+            bar.update(len(batch_items))
+            bar.set_postfix_str(f"{new_tokens / max(time.time() - t_loop, 1e-9):,.0f} tok/s")
+            if req.on_batch is not None and main:
+                req.on_batch(len(journal.done), n_batches)
+    finally:
+        bar.close()
+        journal.close()
+    fields = {i: f for batch in journal.done.values() for i, f in batch}
+    return Run(items=items, prepared=prepared, fields=fields, journal=journal,
+               fingerprint=journal.fingerprint, stale_journals=stale, tokenize_time_s=t_prep,
+               scoring_time_s=time.time() - t_loop, new_tokens=new_tokens, new_rows=new_rows)
 
 
 def _prepared_digest(prepared) -> str:
@@ -127,6 +461,77 @@ def _agree_on_done(journal, n_batches: int) -> set[int]:
     return {int(k) for k in np.flatnonzero(mask)}
 
 
+# ---------------------------------------------------------------- 5. write
+
+
+def _teacher_rows(req: Request, plan: Plan, run: Run, manifest: dict) -> dict[str, list[dict]]:
+    """Output rows per teacher, in input order (main process), and the per-teacher counts
+    in ``manifest["teachers"]`` (every process)."""
+    from scas_jax.parallel import is_main_process
+    from scas_jax.scoring.fields import error_fields
+
+    main = is_main_process()
+    encoded = run.prepared.encoded
+    missing = [i for i, e in enumerate(encoded) if not isinstance(e, str) and i not in run.fields]
+    if missing and main:  # cannot happen unless the plan lost items: never write partial files
+        raise RuntimeError(f"internal error: {len(missing)} planned rows were not scored")
+    per_teacher: dict[str, list[dict]] = {f.teacher: [] for f in plan.todo}
+    counts = {f.teacher: {"rows": 0, "errors": 0, "tokens": 0} for f in plan.todo}
+    for i, (teacher, cand) in enumerate(run.items):
+        e = encoded[i]
+        if main:  # other hosts hold no fields of the batches process 0 had journaled
+            f = error_fields(e, req.cfg.lambda_scas) if isinstance(e, str) else run.fields[i]
+            per_teacher[teacher].append(_output_row(cand.row, cand.teacher, f))
+        c = counts[teacher]
+        c["rows"] += 1
+        c["errors"] += isinstance(e, str)
+        c["tokens"] += 0 if isinstance(e, str) else e.length
+    for teacher, c in counts.items():
+        manifest["teachers"][teacher].update(c)
+    return per_teacher
+
+
+def _totals(req: Request, run: Run, t_start: float) -> dict[str, Any]:
+    """The manifest's totals over the scored teachers, the plan and the timings."""
+    stats = run.prepared.stats
+    n_batches = len(run.prepared.plans)
+    t_loop = run.scoring_time_s
+    return dict(
+        rows=len(run.items),
+        errors=len(run.prepared.error_items),
+        skipped_unverified=req.pool.summary.skipped_unverified,
+        tokens=stats["real_tokens"],
+        padded_tokens=stats["padded_tokens"],
+        padding_fraction=round(stats["padding_fraction"], 6),
+        batches=n_batches,
+        resumed_batches=run.journal.resumed,
+        scored_batches=n_batches - run.journal.resumed,
+        compiled_shapes=[list(s) for s in stats["shapes"]],
+        fingerprint=run.fingerprint,
+        stale_journals=run.stale_journals,
+        tokenize_time_s=round(run.tokenize_time_s, 3),
+        scoring_time_s=round(t_loop, 3),
+        wall_time_s=round(time.time() - t_start, 3),
+        tokens_per_s=round(run.new_tokens / t_loop, 1) if t_loop > 0 else 0.0,
+        rows_per_s=round(run.new_rows / t_loop, 2) if t_loop > 0 else 0.0,
+    )
+
+
+def _write(req: Request, plan: Plan, manifest: dict, per_teacher: dict[str, list[dict]]) -> None:
+    """Score files, then the manifest (with each file's sha256), each atomically; main
+    process only."""
+    from scas_jax.io_utils import write_json_atomic, write_jsonl_atomic
+    from scas_jax.parallel import is_main_process
+    from scas_jax.scoring.identity import file_sha256
+
+    if not is_main_process():
+        return
+    for teacher, rows in per_teacher.items():
+        write_jsonl_atomic(plan.outputs[teacher], rows)
+        manifest["teachers"][teacher]["output_sha256"] = file_sha256(plan.outputs[teacher])
+    write_json_atomic(req.output_dir / MANIFEST, manifest)
+
+
 def _output_row(row: dict, teacher: str, fields: dict) -> dict:
     """The input row, every field kept, with the metric fields and ``teacher_name``."""
     from scas_jax.scoring.fields import ERROR_FIELD
@@ -138,14 +543,9 @@ def _output_row(row: dict, teacher: str, fields: dict) -> dict:
     return out
 
 
-def _pool_summary_dict(summary) -> dict:
-    return {
-        "files": summary.files, "rows_read": summary.rows_read, "rows": summary.rows,
-        "errors": summary.errors, "skipped_unverified": summary.skipped_unverified,
-        "rows_without_id": summary.rows_without_id, "ids": summary.ids,
-        "partial_ids": {k: list(v) for k, v in summary.partial_ids.items()},
-        "shadowed": [str(p) for p in summary.shadowed],
-    }  # fmt: skip
+_NOTHING_SCORED = dict(rows=0, errors=0, tokens=0, batches=0, resumed_batches=0,
+                       scored_batches=0, compiled_shapes=[], padding_fraction=0.0,
+                       tokens_per_s=0.0, rows_per_s=0.0)
 
 
 def score(
@@ -164,6 +564,7 @@ def score(
     dtype: str = "float32",
     max_segments: int = 16,
     progress: bool = True,
+    on_batch: BatchCallback | None = None,
 ) -> dict:
     """Score every candidate of ``candidate_dir`` into ``output_dir``; return the manifest.
 
@@ -172,193 +573,39 @@ def score(
         already loaded :class:`scas_jax.loader.Student` (its parameters are placed on
         ``mesh``).
       mesh: a mesh spec (``"data=-1"``) or a ``jax.sharding.Mesh``.
+      skip_existing: keep a teacher's score file when the manifest records that it was
+        made from the same candidate file content, student and result settings; rescore
+        the others (saying why on stderr and in ``teachers.<t>.rescored_because``).
       max_segments: at most this many sequences packed per row (1 = no packing).
+      progress: show a progress bar on stderr.
+      on_batch: called on the main process after each batch is journaled, with
+        ``(batches finished, batches planned)`` (resumed batches count as finished).
     Raises:
       ScasError: bad input (pool file:line, lambda, target layer, settings, student path),
         always before the model is loaded.
     """
     t_start = time.time()
-    from scas_jax.data.pool import read_pool
-    from scas_jax.loader import Student, resolve_path
-    from scas_jax.models.decoder import parse_tap
-
-    lam = _check_settings(lambda_scas, target_layer, batch_tokens, max_length, limit, dtype,
-                          max_segments)
-    if isinstance(student, Student):
-        num_layers, student_path = student.cfg.num_layers, None
-    else:
-        student_path = resolve_path(student)
-        if not student_path.exists():
-            raise ScasError(f"student {student_path}: no such file or directory")
-        num_layers = _student_preflight(student_path, target_layer)
-    if num_layers is not None:
-        parse_tap(target_layer, num_layers)
-    pool = read_pool(candidate_dir, include_unverified=include_unverified, limit=limit)
-    output_dir = Path(output_dir)
-
-    outputs = {f.teacher: output_dir / f"{f.teacher}{OUTPUT_SUFFIX}" for f in pool.files}
-    existing = {t for t, p in outputs.items() if skip_existing and p.exists()}
-    todo_files = [f for f in pool.files if f.teacher not in existing]
-
-    import jax
-
-    from scas_jax.parallel import batch_divisor, is_main_process, shard_params
-    from scas_jax.scoring.scorer import ScoreConfig, device_summary
-
-    main = is_main_process()
-    mesh_obj = _resolve_mesh(mesh)
-    cfg = ScoreConfig(lambda_scas=lam, target_layer=target_layer, batch_tokens=int(batch_tokens),
-                      max_length=int(max_length), max_segments=int(max_segments), dtype=dtype)
-    manifest: dict[str, Any] = {
-        "student": str(student_path) if student_path else student.source,
-        "candidate_dir": str(Path(candidate_dir)),
-        "output_dir": str(output_dir),
-        "target_layer": target_layer,
-        "lambda_scas": lam,
-        "dtype": dtype,
-        "batch_tokens": cfg.batch_tokens,
-        "max_length": cfg.max_length,
-        "max_segments": cfg.max_segments,
-        "limit": limit,
-        "include_unverified": bool(include_unverified),
-        "skip_existing": bool(skip_existing),
-        "mesh": dict(mesh_obj.shape),
-        "devices": device_summary(),
-        "pool": _pool_summary_dict(pool.summary),
-    }
-    teachers: dict[str, dict] = {}
-    for f in pool.files:
-        teachers[f.teacher] = {"input": str(f.path), "output": str(outputs[f.teacher]),
-                               "status": "existing" if f.teacher in existing else "scored",
-                               "rows_read": f.n_read, "skipped_unverified": f.skipped_unverified}
-
-    if not todo_files:
-        manifest.update(teachers=teachers, rows=0, errors=0, tokens=0, batches=0,
-                        resumed_batches=0, scored_batches=0, compiled_shapes=[],
-                        padding_fraction=0.0, wall_time_s=round(time.time() - t_start, 3),
-                        tokens_per_s=0.0, rows_per_s=0.0)
-        if main:
-            from scas_jax.io_utils import write_json_atomic
-
-            write_json_atomic(output_dir / MANIFEST, manifest)
+    req = _validate(student, candidate_dir, output_dir, lambda_scas=lambda_scas,
+                    target_layer=target_layer, mesh=mesh, batch_tokens=batch_tokens,
+                    max_length=max_length, limit=limit, skip_existing=skip_existing,
+                    include_unverified=include_unverified, dtype=dtype,
+                    max_segments=max_segments, progress=progress, on_batch=on_batch)
+    plan = _plan(req)
+    manifest = _manifest(req, plan)
+    if not plan.todo:
+        manifest.update(_NOTHING_SCORED, wall_time_s=round(time.time() - t_start, 3))
+        _write(req, plan, manifest, {})
         return manifest
-
-    # ---- the model: loaded only now, after every check passed
-    from scas_jax.loader import load_student
-
-    if isinstance(student, Student):
-        st = student
-        params = shard_params(st.params, mesh_obj)
-        if dtype != st.param_dtype:
-            params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
-    else:
-        st = load_student(student_path, dtype=dtype, mesh=mesh_obj)
-        params = st.params
-    if st.tokenizer is None:
-        raise ScasError(f"student {st.source}: no tokenizer found beside the checkpoint")
-    parse_tap(target_layer, st.cfg.num_layers)
-
-    from scas_jax.scoring.scorer import iter_scored_batches, prepare
-
-    items = [(f.teacher, c) for f in todo_files for c in f.rows]
-    divisor = batch_divisor(mesh_obj)
-    t_prep = time.time()
-    prepared = prepare([c.row for _, c in items], st.tokenizer, cfg, row_multiple=divisor)
-    t_prep = time.time() - t_prep
-
-    from scas_jax.scoring.journal import Journal, file_identity, fingerprint
-
-    fp = fingerprint({
-        "student": _student_identity(st.source), "target_layer": target_layer, "lambda": lam,
-        "dtype": dtype, "batch_tokens": cfg.batch_tokens, "max_length": cfg.max_length,
-        "max_segments": cfg.max_segments, "limit": limit,
-        "include_unverified": bool(include_unverified),
-        "inputs": {f.teacher: file_identity(f.path) for f in todo_files},
-        "mesh": dict(mesh_obj.shape), "batch_divisor": divisor,
-        "platform": jax.devices()[0].platform, "jax": jax.__version__,
-        "prepared": _prepared_digest(prepared),
-    })  # fmt: skip
-    n_batches = len(prepared.plans)
-    journal = Journal(output_dir, fp, n_batches, write=main)
-    done = _agree_on_done(journal, n_batches)
-    lengths = [0 if isinstance(e, str) else e.length for e in prepared.encoded]
-
-    from tqdm import tqdm
-
-    total_rows = sum(len(p.items) for p in prepared.plans)
-    done_rows = sum(len(v) for v in journal.done.values())
-    bar = tqdm(total=total_rows, initial=done_rows, unit="row", desc="scoring",
-               disable=not (progress and main), dynamic_ncols=True, file=sys.stderr)
-    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
-    t_loop = time.time()
-    new_tokens = new_rows = 0
-    try:
-        for k, batch_items in iter_scored_batches(params, st.cfg, prepared, cfg, mesh_obj,
-                                                  skip=done.__contains__):
-            journal.record(k, batch_items)
-            new_rows += len(batch_items)
-            new_tokens += sum(lengths[i] for i, _ in batch_items)
-            elapsed = max(time.time() - t_loop, 1e-9)
-            bar.update(len(batch_items))
-            bar.set_postfix_str(f"{new_tokens / elapsed:,.0f} tok/s")
-            if delay:
-                time.sleep(delay)
-    finally:
-        bar.close()
-        journal.close()
-    t_loop = time.time() - t_loop
-
-    # ---- assemble, in input order, and write atomically
-    from scas_jax.scoring.fields import error_fields
-
-    fields: dict[int, dict] = {i: f for batch in journal.done.values() for i, f in batch}
-    missing = [i for i, e in enumerate(prepared.encoded) if not isinstance(e, str) and i not in fields]
-    if missing and main:  # cannot happen unless the plan lost items: never write partial files
-        raise RuntimeError(f"internal error: {len(missing)} planned rows were not scored")
-    per_teacher: dict[str, list[dict]] = {f.teacher: [] for f in todo_files}
-    for i, (teacher, cand) in enumerate(items):
-        e = prepared.encoded[i]
-        if main:  # other hosts hold no fields of the batches process 0 had journaled
-            f = error_fields(e, lam) if isinstance(e, str) else fields[i]
-            per_teacher[teacher].append(_output_row(cand.row, cand.teacher, f))
-        entry = teachers[teacher]
-        entry["rows"] = entry.get("rows", 0) + 1
-        entry["errors"] = entry.get("errors", 0) + isinstance(e, str)
-        entry["tokens"] = entry.get("tokens", 0) + lengths[i]
-    for f in todo_files:
-        teachers[f.teacher].setdefault("rows", 0)
-        teachers[f.teacher].setdefault("errors", 0)
-        teachers[f.teacher].setdefault("tokens", 0)
-
-    stats = prepared.stats
-    wall = time.time() - t_start
-    manifest.update(
-        teachers=teachers,
-        rows=len(items),
-        errors=len(prepared.error_items),
-        skipped_unverified=pool.summary.skipped_unverified,
-        tokens=stats["real_tokens"],
-        padded_tokens=stats["padded_tokens"],
-        padding_fraction=round(stats["padding_fraction"], 6),
-        batches=n_batches,
-        resumed_batches=journal.resumed,
-        scored_batches=n_batches - journal.resumed,
-        compiled_shapes=[list(s) for s in stats["shapes"]],
-        fingerprint=fp,
-        tokenize_time_s=round(t_prep, 3),
-        scoring_time_s=round(t_loop, 3),
-        wall_time_s=round(wall, 3),
-        tokens_per_s=round(new_tokens / t_loop, 1) if t_loop > 0 else 0.0,
-        rows_per_s=round(new_rows / t_loop, 2) if t_loop > 0 else 0.0,
-    )
-    if main:
-        from scas_jax.io_utils import write_json_atomic, write_jsonl_atomic
-
-        for teacher, rows in per_teacher.items():
-            write_jsonl_atomic(outputs[teacher], rows)
-        write_json_atomic(output_dir / MANIFEST, manifest)
-    journal.remove()
+    st, params = _load(req, plan)
+    run = _run(req, plan, st, params)
+    per_teacher = _teacher_rows(req, plan, run, manifest)
+    manifest.update(_totals(req, run, t_start))
+    _write(req, plan, manifest, per_teacher)
+    run.journal.remove()
     return manifest
+
+
+# ---------------------------------------------------------------- the command
 
 
 def _cmd(args: argparse.Namespace) -> int:
@@ -372,43 +619,55 @@ def _cmd(args: argparse.Namespace) -> int:
         include_unverified=args.include_unverified, dtype=args.dtype,
     )  # fmt: skip
     if is_main_process():
-        for teacher, t in m["teachers"].items():
-            if t["status"] == "existing":
-                print(f"{teacher}: kept existing {t['output']}")
-            else:
-                print(f"{teacher}: {t['rows']} rows ({t['errors']} errors, "
-                      f"{t['skipped_unverified']} skipped unverified), {t['tokens']} tokens "
-                      f"-> {t['output']}")
-        if m.get("batches"):
-            print(f"{m['batches']} batches ({m['resumed_batches']} resumed), shapes "
-                  f"{m['compiled_shapes']}, padding {100 * m['padding_fraction']:.1f}%, "
-                  f"{m['tokens_per_s']:,.0f} tokens/s, {m['wall_time_s']:.1f}s on {m['devices']}")
-        if m["pool"]["partial_ids"]:
-            print(f"{len(m['pool']['partial_ids'])} ids are present in only some teachers "
-                  "(listed in manifest.json)")
-        print(f"manifest: {Path(args.output_dir) / MANIFEST}")
+        _print_summary(m, Path(args.output_dir))
     return 0
 
 
+def _print_summary(m: dict, output_dir: Path) -> None:
+    for teacher, t in m["teachers"].items():
+        if t["status"] == "existing":
+            print(f"{teacher}: kept existing {t['output']} (same inputs and settings)")
+        else:
+            print(f"{teacher}: {t['rows']} rows ({t['errors']} errors, "
+                  f"{t['skipped_unverified']} skipped unverified), {t['tokens']} tokens "
+                  f"-> {t['output']}")
+    if m.get("batches"):
+        print(f"{m['batches']} batches ({m['resumed_batches']} resumed), shapes "
+              f"{m['compiled_shapes']}, padding {100 * m['padding_fraction']:.1f}%, "
+              f"{m['tokens_per_s']:,.0f} tokens/s, {m['wall_time_s']:.1f}s on {m['devices']}")
+    if m["pool"]["partial_ids"]:
+        print(f"{len(m['pool']['partial_ids'])} ids are present in only some teachers "
+              "(listed in manifest.json)")
+    print(f"manifest: {output_dir / MANIFEST}")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("score", help="SCAS scores for every candidate answer of a pool",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "score", help="SCAS scores for every candidate answer of a pool",
+        description="Score every candidate answer of a pool with the student's SCAS learning "
+                    "cost; resumable after a crash.",
+    )  # fmt: skip
     p.add_argument("--student", required=True,
                    help="converted checkpoint, HF directory, GGUF file, or 'smollm2' (bundled)")
     p.add_argument("--candidate-dir", required=True, help="directory of teacher JSONL files")
-    p.add_argument("--output-dir", required=True, help="where score files and manifest.json go")
-    p.add_argument("--lambda-scas", type=float, default=0.5, help="weight of the answer-question block, in [0, 1]")
+    p.add_argument("--output-dir", required=True,
+                   help="where <teacher>_scas_scores.jsonl files and manifest.json go")
+    p.add_argument("--lambda-scas", type=float, default=0.5,
+                   help="weight of the answer-question block, in [0, 1]")
     p.add_argument("--target-layer", default=DEFAULT_TAP,
-                   help=f"activation tap: layers.<i>.mlp.up_proj or layers.<i>.residual (default {DEFAULT_TAP})")
+                   help="activation tap: layers.<i>.mlp.up_proj or layers.<i>.residual")
     p.add_argument("--mesh", default="data=-1", help="mesh spec, e.g. data=-1 or data=2,tp=4")
     p.add_argument("--batch-tokens", type=int, default=4096,
-                   help="padded tokens per batch (default 4096; raise it on accelerators)")
+                   help="padded tokens per batch; raise it on accelerators")
     p.add_argument("--max-length", type=int, default=4096,
                    help="longest sequence scored; longer rows become error rows")
     p.add_argument("--limit", type=int, default=None, help="first N rows of each teacher file")
     p.add_argument("--skip-existing", action="store_true",
-                   help="leave teacher files whose score file exists untouched")
+                   help="keep a teacher's score file when manifest.json records that it was "
+                        "made from the same candidate file content, student and settings; "
+                        "rescore the others (saying why)")
     p.add_argument("--include-unverified", action="store_true",
-                   help="also score rows whose teacher_correct/is_correct is false")
+                   help="also score rows flagged incorrect (teacher_correct, else is_correct, "
+                        "false)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter/activation dtype")
     p.set_defaults(func=_cmd)

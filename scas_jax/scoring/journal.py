@@ -5,8 +5,8 @@ The batch plan of a run is a pure function of its inputs and settings
 finished batch indices. A run appends one JSON line per finished batch to
 ``OUTPUT_DIR/.scas_journal/<fingerprint>.jsonl``::
 
-    {"journal": 1, "fingerprint": "<hex>", "batches": N}          # header, line 1
-    {"batch": k, "items": [[item_index, {field: value, ...}], ...]}  # one per batch
+    {"journal": 2, "fingerprint": "<hex>", "batches": N, "parts": {...}}  # header, line 1
+    {"batch": k, "items": [[item_index, {field: value, ...}], ...]}      # one per batch
 
 and flushes + fsyncs every line. A restarted run with the same fingerprint reads the
 journal, drops a truncated (or otherwise unreadable) tail, truncates the file back to
@@ -14,8 +14,13 @@ its last complete line, skips the batches it lists and appends the rest. Floats 
 written by ``json.dumps`` (``repr``), which round-trips every float64 exactly, so a
 resumed run produces the same bytes as an uninterrupted one.
 
-The fingerprint (:func:`fingerprint`) hashes everything that changes results; a
-journal written under other settings has another name and is never read.
+The fingerprint (:func:`fingerprint`) hashes ``parts``: everything that changes
+results, identified by *content* (:mod:`scas_jax.scoring.identity`): the sha256 of each
+candidate file scored, the student's content identity, the settings, and a digest of
+every tokenized sequence and of the plan. Copying or touching a pool therefore
+resumes; editing one row starts over. A journal written under other parts has another
+name and is never read; :func:`stale_reasons` compares the header ``parts`` of such
+journals with the current ones so the run can say in one line why it starts over.
 """
 
 from __future__ import annotations
@@ -27,27 +32,41 @@ from pathlib import Path
 from typing import Any, Iterable
 
 JOURNAL_DIR = ".scas_journal"
-JOURNAL_VERSION = 1
-
-
-def file_identity(path: Path) -> list:
-    """``[name, size, mtime_ns]`` of a file, or of every file under a directory (sorted)."""
-    path = Path(path)
-    if path.is_dir():
-        out = []
-        for p in sorted(path.rglob("*")):
-            if p.is_file() and JOURNAL_DIR not in p.parts:
-                st = p.stat()
-                out.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
-        return out
-    st = path.stat()
-    return [[path.name, st.st_size, st.st_mtime_ns]]
+JOURNAL_VERSION = 2
 
 
 def fingerprint(parts: dict[str, Any]) -> str:
     """sha256 (first 24 hex digits) of the canonical JSON of ``parts``."""
     blob = json.dumps(parts, sort_keys=True, ensure_ascii=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:24]
+
+
+def read_header(path: Path) -> dict | None:
+    """The header line of a journal file, or None when it has no readable one."""
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.readline().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) and "fingerprint" in obj else None
+
+
+def stale_reasons(output_dir: Path, fp: str, parts: dict[str, Any]) -> dict[Path, str]:
+    """``{journal path: why it is not resumed}`` for every journal in ``output_dir`` other
+    than ``fp``'s: the parts that differ (``"inputs.a changed; lambda_scas 0.3 -> 0.5"``)."""
+    from scas_jax.scoring.identity import differences
+
+    out = {}
+    folder = Path(output_dir) / JOURNAL_DIR
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        if path.stem == fp:
+            continue
+        header = read_header(path)
+        if header is None or header.get("journal") != JOURNAL_VERSION:
+            out[path] = "written by another version of scas_jax"
+        else:
+            out[path] = "; ".join(differences(header.get("parts") or {}, parts)) or "other settings"
+    return out
 
 
 class Journal:
@@ -58,10 +77,13 @@ class Journal:
     reads but never writes.
     """
 
-    def __init__(self, output_dir: Path, fp: str, n_batches: int, write: bool = True):
+    def __init__(self, output_dir: Path, fp: str, n_batches: int, write: bool = True,
+                 parts: dict | None = None):
         self.path = Path(output_dir) / JOURNAL_DIR / f"{fp}.jsonl"
         self.fingerprint = fp
         self.n_batches = n_batches
+        self.header = {"journal": JOURNAL_VERSION, "fingerprint": fp, "batches": n_batches,
+                       "parts": parts or {}}
         self.write = write
         self.done: dict[int, list[tuple[int, dict]]] = {}
         self._fh = None
@@ -71,7 +93,7 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if good_end == 0:
                 self._fh = open(self.path, "w", encoding="utf-8")
-                self._append({"journal": JOURNAL_VERSION, "fingerprint": fp, "batches": n_batches})
+                self._append(self.header)
             else:
                 self._fh = open(self.path, "r+", encoding="utf-8")
                 self._fh.truncate(good_end)  # drop a torn last line before appending
@@ -93,8 +115,8 @@ class Journal:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 break
             if not header_ok:
-                if obj != {"journal": JOURNAL_VERSION, "fingerprint": self.fingerprint,
-                           "batches": self.n_batches}:
+                if not isinstance(obj, dict) or any(
+                        obj.get(k) != self.header[k] for k in ("journal", "fingerprint", "batches")):
                     return 0
                 header_ok = True
             else:
