@@ -130,7 +130,8 @@ def test_save_pretrained_round_trip(ours, tmp_path):
 # ---- files this module must refuse, with the file and key named ---------------------
 
 
-def _write_gguf(path, arch="llama", drop=(), tokenizer_model="gpt2", tensors=("token_embd.weight",)):
+def _write_gguf(path, arch="llama", drop=(), tokenizer_model="gpt2", tensors=("token_embd.weight",),
+                add_bos=None):
     """A small GGUF: llama-style metadata for a 2-layer model and a 6-token byte-level vocab."""
     import gguf
 
@@ -147,6 +148,9 @@ def _write_gguf(path, arch="llama", drop=(), tokenizer_model="gpt2", tensors=("t
     w.add_array("tokenizer.ggml.merges", ["a b"])
     w.add_array("tokenizer.ggml.token_type", [3, 3, 1, 1, 1, 1])
     w.add_uint32("tokenizer.ggml.eos_token_id", 1)
+    if add_bos is not None:
+        w.add_uint32("tokenizer.ggml.bos_token_id", 0)
+        w.add_bool("tokenizer.ggml.add_bos_token", add_bos)
     for name in tensors:
         w.add_tensor(name, np.zeros((6, 16), np.float32))
     w.write_header_to_file()
@@ -164,6 +168,20 @@ def test_small_gguf_config_and_tokenizer(tmp_path):
     tok = src.load_tokenizer()
     assert tok("ab a</s>")["input_ids"] == [4, 5, 2, 1]
     assert tok.eos_token == "</s>" and tok.bos_token is None
+
+
+def test_small_gguf_add_bos_matches_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    path = _write_gguf(tmp_path / "m.gguf", add_bos=True)
+    tok = open_source(path).load_tokenizer()
+    ref = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert tok("ab a")["input_ids"] == [0, 4, 5, 2]
+    for text, pair in (("ab a", None), ("b", "a ab"), ("", None)):
+        ours, theirs = (t(text, pair, return_token_type_ids=True) for t in (tok, ref))
+        assert ours["input_ids"] == theirs["input_ids"], (text, pair)
+        assert ours["token_type_ids"] == theirs["token_type_ids"], (text, pair)
+    assert tok.bos_token == ref.bos_token == "<s>" and tok.all_special_ids == ref.all_special_ids
 
 
 @pytest.mark.parametrize("key", ["embedding_length", "attention.layer_norm_rms_epsilon", "block_count"])

@@ -170,7 +170,7 @@ def hf_tokenizer(meta: GGUFMetadata):
     ``add_bos_token``/``add_eos_token`` from the file's flags (default off), and
     ``chat_template`` from ``tokenizer.chat_template``.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.require("tokenizer.ggml.model")
@@ -223,22 +223,44 @@ def hf_tokenizer(meta: GGUFMetadata):
         for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab
     ])
 
-    def token_of(gguf_key: str) -> str | None:
+    def special(gguf_key: str) -> tuple[str, int] | None:
         i = meta.get(f"tokenizer.ggml.{gguf_key}")
         if i is None:
             return None
         if not 0 <= int(i) < len(tokens):
             raise ScasError(f"{meta.path}: tokenizer.ggml.{gguf_key} {i} is outside the "
                             f"vocabulary of {len(tokens)} tokens")
-        return tokens[int(i)]
+        return tokens[int(i)], int(i)
 
+    bos, eos = special("bos_token_id"), special("eos_token_id")
+    unk, pad = special("unknown_token_id"), special("padding_token_id")
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    for flag, tok, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos")):
+        if flag and tok is None:
+            raise ScasError(f"{meta.path}: tokenizer.ggml.add_{name}_token is set but "
+                            f"tokenizer.ggml.{name}_token_id is missing")
+    # bos/eos added around every sequence as the file's flags say (transformers 5 derives
+    # the same from add_bos_token/add_eos_token; older versions read only this)
+    around = [t for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+
+    def template(*seqs: str) -> str:
+        parts = []
+        for type_id, seq in enumerate(seqs):
+            parts += [f"{bos[0]}:{type_id}"] if add_bos else []
+            parts += [f"${seq}:{type_id}"]
+            parts += [f"{eos[0]}:{type_id}"] if add_eos else []
+        return " ".join(parts)
+
+    backend.post_processor = processors.TemplateProcessing(
+        single=template("A"), pair=template("A", "B"), special_tokens=around)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=token_of("bos_token_id"),
-        eos_token=token_of("eos_token_id"),
-        unk_token=token_of("unknown_token_id"),
-        pad_token=token_of("padding_token_id"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        bos_token=bos and bos[0],
+        eos_token=eos and eos[0],
+        unk_token=unk and unk[0],
+        pad_token=pad and pad[0],
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
         chat_template=meta.get("tokenizer.chat_template"),
     )
