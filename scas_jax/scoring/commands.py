@@ -212,7 +212,7 @@ def _why_not_reusable(output: Path, previous: dict | None, record: dict) -> str 
 
     if not output.exists():
         return "no score file yet"
-    if not previous or not isinstance(previous.get("record"), dict):
+    if not isinstance(previous, dict) or not isinstance(previous.get("record"), dict):
         return f"{MANIFEST} has no record of the settings it was made with"
     diff = differences(previous["record"], record)
     if diff:
@@ -579,7 +579,8 @@ def score(
       max_segments: at most this many sequences packed per row (1 = no packing).
       progress: show a progress bar on stderr.
       on_batch: called on the main process after each batch is journaled, with
-        ``(batches finished, batches planned)`` (resumed batches count as finished).
+        ``(batches finished, batches planned)`` (resumed batches count as finished);
+        an exception it raises stops the run, and a rerun resumes from the journal.
     Raises:
       ScasError: bad input (pool file:line, lambda, target layer, settings, student path),
         always before the model is loaded.
