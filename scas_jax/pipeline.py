@@ -115,7 +115,7 @@ def _stage(n: int, total: int, text: str) -> None:
 
 def slice_pool(src: Path, out: Path, start: int, stop: int) -> Path:
     """Rows ``start:stop`` of every teacher file (the bundled files are aligned by id)."""
-    from scas_jax.data.pool import iter_jsonl
+    from scas_jax.data.jsonl import iter_jsonl
 
     tmp = out.with_name(out.name + ".partial")
     _remove(tmp)
@@ -128,7 +128,7 @@ def slice_pool(src: Path, out: Path, start: int, stop: int) -> Path:
 
 def verified_rows(pool_dir: Path) -> list[dict]:
     """Every answer of a pool that its flags call correct."""
-    from scas_jax.data.pool import iter_jsonl
+    from scas_jax.data.jsonl import iter_jsonl
     from scas_jax.data.verdicts import correctness
 
     return [row for f in sorted(pool_dir.glob("*.jsonl")) for _, row in iter_jsonl(f)
@@ -297,7 +297,7 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
         _remove(train_dir / "checkpoints")  # training finished: resume state no longer needed
         losses = [json.loads(line)["loss"] for line in
                   (train_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-        print(f"    training loss (answer tokens, per step's batch): "
+        print("    training loss (answer tokens, per step's batch): "
               + " ".join(f"{x:.3f}" for x in losses))
         return {"losses": losses}
 
@@ -305,7 +305,7 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
           train_settings, [train_dir], do_train)
 
     def do_effect(_):
-        from scas_jax.data.pool import iter_jsonl
+        from scas_jax.data.jsonl import iter_jsonl
 
         trained_on = [row for _, row in iter_jsonl(sel / "scas_score" / "min_score_selected.jsonl")]
         sets = {"trained_on": trained_on}

@@ -18,7 +18,7 @@ from scas_jax.data.chat import (
     build_messages,
     special_token_ids,
 )
-from scas_jax.data.pool import MISSING_FIELDS_ERROR
+from scas_jax.data.rows import MISSING_FIELDS_ERROR
 from scas_jax.errors import ScasError
 
 IM_START, IM_END, NEWLINE = 1, 2, 198

@@ -8,12 +8,9 @@ from pathlib import Path
 import pytest
 
 from scas_jax.assets import GSM8K_POOL
-from scas_jax.data.pool import (
-    MISSING_FIELDS_ERROR,
-    discover_candidate_files,
-    read_pool,
-    read_pool_file,
-)
+from scas_jax.data.files import discover_candidate_files
+from scas_jax.data.pool import read_pool, read_pool_file
+from scas_jax.data.rows import MISSING_FIELDS_ERROR
 from scas_jax.data.layout import teacher_from_filename as teacher_name_from_path
 from scas_jax.errors import ScasError
 

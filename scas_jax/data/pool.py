@@ -28,27 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from scas_jax.data.files import PoolFile, discover_candidate_files, find_candidate_files
+from scas_jax.data.files import PoolFile, find_candidate_files
 from scas_jax.data.jsonl import iter_jsonl
-from scas_jax.data.layout import CANDIDATE_SUFFIXES, SCORE_SUFFIX, teacher_from_filename
+from scas_jax.data.layout import teacher_from_filename
 from scas_jax.data.rows import (
-    MISSING_FIELDS_ERROR,
     Candidate,
     id_key,
     missing_fields_error,
-    row_answer,
     row_teacher,
 )
 from scas_jax.data.verdicts import correctness_at
 from scas_jax.errors import ScasError
 
-# Kept so that existing imports keep working; the names live in the modules above.
-OUTPUT_SUFFIX = SCORE_SUFFIX  # deprecated: use scas_jax.data.layout.score_file_name
-__all__ = [
-    "CANDIDATE_SUFFIXES", "MISSING_FIELDS_ERROR", "OUTPUT_SUFFIX", "Candidate", "Pool", "PoolFile",
-    "PoolSummary", "discover_candidate_files", "id_key", "iter_jsonl", "missing_fields_error",
-    "read_pool", "read_pool_file", "row_answer", "row_teacher", "summarize",
-]
 
 
 @dataclass

@@ -35,7 +35,7 @@ import numpy as np
 
 from scas_jax.data.chat import ChatEncoder, RowError
 from scas_jax.data.packing import BatchPlan, materialise
-from scas_jax.data.pool import iter_jsonl
+from scas_jax.data.jsonl import iter_jsonl
 from scas_jax.errors import ScasError
 
 BATCH_KEYS = ("tokens", "targets", "weights")

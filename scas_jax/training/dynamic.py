@@ -37,9 +37,11 @@ import numpy as np
 
 from scas_jax.data.chat import ChatEncoder, Encoded, RowError
 from scas_jax.data.packing import BatchPlan
-from scas_jax.data.pool import OUTPUT_SUFFIX, id_key, read_pool
+from scas_jax.data.layout import score_file_name
+from scas_jax.data.pool import read_pool
+from scas_jax.data.rows import Candidate, id_key, parse_score, row_teacher
 from scas_jax.errors import ScasError
-from scas_jax.selection import candidates as selcand
+from scas_jax.selection.candidates import Pool as SelectionPool
 from scas_jax.selection.strategies import Choice, select_groups, select_min
 from scas_jax.training.config import TrainConfig
 from scas_jax.training.data import Example, example_from_ids, make_batch, pack_rows
@@ -94,7 +96,7 @@ def load_candidates(directory: str | Path, tokenizer: Any, cfg: TrainConfig) -> 
         raise ScasError(f"empty pool: no candidate rows in {directory} "
                         f"({pool.summary.rows_read} rows read, {pool.summary.skipped_unverified} unverified)")
     stats = Counter(rows_read=pool.summary.rows_read, skipped_unverified=pool.summary.skipped_unverified)
-    files = sorted(pool.files, key=lambda f: f"{f.teacher}{OUTPUT_SUFFIX}")
+    files = sorted(pool.files, key=lambda f: score_file_name(f.teacher))
     kept: list[tuple[Any, Any]] = []
     for pf in files:
         for cand in pf.rows:
@@ -120,7 +122,7 @@ def load_candidates(directory: str | Path, tokenizer: Any, cfg: TrainConfig) -> 
             continue
         by_key.setdefault(id_key(cand.id), []).append(len(out.rows))
         out.rows.append(cand.row)
-        out.teachers.append(selcand.row_teacher(cand.row, pf.teacher))
+        out.teachers.append(row_teacher(cand.row, pf.teacher))
         out.sources.append(where)
         out.encoded.append(enc)
     if not by_key:
@@ -205,20 +207,20 @@ def choose(pool: CandidatePool, questions: Sequence[int], fields: dict[int, dict
     Candidates whose ``score_key`` is not a finite number are skipped, as ``select`` does.
     Returns ``{question: candidate or None}`` (None: no candidate in ``selected_group``).
     """
-    items: dict[str, list[selcand.Candidate]] = {}
+    items: dict[str, list[Candidate]] = {}
     index: dict[int, int] = {}
     for q in sorted(set(int(q) for q in questions), key=lambda q: pool.keys[q]):
         cands = []
         for c in pool.members[q]:
-            score, reason = selcand.parse_score(fields[c].get(cfg.score_key))
+            score, reason = parse_score(fields[c].get(cfg.score_key))
             if reason is not None:
                 continue
-            sc = selcand.Candidate(pool.keys[q], pool.rows[c], pool.teachers[c], score, pool.sources[c])
+            sc = Candidate(pool.keys[q], pool.rows[c], pool.teachers[c], score, pool.sources[c])
             index[id(sc)] = c
             cands.append(sc)
         if cands:
             items[pool.keys[q]] = cands
-    spool = selcand.Pool(files=[], items=items, score_key=cfg.score_key)
+    spool = SelectionPool(files=[], items=items, score_key=cfg.score_key)
     if cfg.dynamic_strategy == "min":
         chosen: list[Choice] = select_min(spool)
     else:
