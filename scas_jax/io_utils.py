@@ -54,6 +54,14 @@ def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     return n
 
 
+def refuse_non_empty(path: str | os.PathLike) -> None:
+    """The one error for an output directory that already holds something."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ScasError(f"output directory {path} exists and is not empty: pass --overwrite to "
+                        "replace it, or choose another directory")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory in a temp sibling; move it to ``path`` only if the block succeeds.
@@ -61,8 +69,8 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     On any exception the temp directory is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    if path.exists() and not overwrite and any(path.iterdir()):
-        raise ScasError(f"output directory {path} exists and is not empty")
+    if not overwrite:
+        refuse_non_empty(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -110,8 +118,8 @@ def publish_dir(dest: str | Path, files: Mapping[str, Any], *, overwrite: bool) 
     ``dest`` must be absent or empty unless ``overwrite``, in which case it is replaced.
     """
     dest = Path(dest)
-    if dest.exists() and any(dest.iterdir()) and not overwrite:
-        raise ScasError(f"output directory {dest} exists and is not empty (pass --overwrite to replace it)")
+    if not overwrite:
+        refuse_non_empty(dest)
     with cleanup_created(dest), atomic_dir(dest, overwrite=True) as tmp:
         for name, content in files.items():
             _write(tmp / name, content)

@@ -79,7 +79,7 @@ def test_refuses_non_empty_out(tiny_hf_dirs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ScasError, match="exists and is not empty"):
+    with pytest.raises(ScasError, match="exists and is not empty: pass --overwrite"):
         convert(tiny_hf_dirs["qwen2_bias"], out)
     assert (out / "keep.txt").read_text() == "mine"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from scas_jax.errors import ScasError
-from scas_jax.io_utils import atomic_dir, cleanup_created, write_json_atomic, write_text_atomic
+from scas_jax.io_utils import atomic_dir, cleanup_created, refuse_non_empty, write_json_atomic, write_text_atomic
 from scas_jax.reporting import plots
 from scas_jax.reporting.accuracy import VERIFY_MANIFEST, VerifiedSet, load_verified
 from scas_jax.reporting.data import (
@@ -87,8 +87,8 @@ def report(
     judged = load_verified(verified) if verified is not None else None
     sels = load_selections(list(selections))
     chosen_fields = choose_fields(data, fields)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ScasError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    if not overwrite:
+        refuse_non_empty(out)
     with cleanup_created(out), atomic_dir(out, overwrite=True) as tmp:
         (tmp / "figures").mkdir()
         summary, text, picks = _build(data, judged, sels, chosen_fields, tmp / "figures")
