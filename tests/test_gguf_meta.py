@@ -69,6 +69,15 @@ def test_config_matches_transformers(meta, ref_config):
     assert config_from_hf(cfg) == config_from_hf(ref_config)
 
 
+def test_config_loads_in_transformers_as_theirs(meta, ref_config):
+    """export writes this dict as config.json: transformers must read it as its own."""
+    from transformers import AutoConfig
+
+    loaded = AutoConfig.for_model(**hf_config(meta)).to_dict()
+    for key in CONFIG_KEYS + ("rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert loaded.get(key) == ref_config.get(key), key
+
+
 def test_ids_match_on_plain_texts(ours, smollm2_tokenizer):
     for text in TEXTS:
         ids = ours(text)["input_ids"]
