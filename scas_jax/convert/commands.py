@@ -123,13 +123,15 @@ def register(sub) -> None:
     p = sub.add_parser("convert", help="Hugging Face directory or GGUF -> converted checkpoint")
     p.add_argument("--hf", required=True, help="HF model directory, GGUF file, or 'smollm2'")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype the parameters are stored in")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_convert_cmd)
 
     p = sub.add_parser("export", help="checkpoint -> Hugging Face safetensors directory")
     p.add_argument("--ckpt", required=True, help="converted directory (or HF dir / GGUF)")
     p.add_argument("--out", required=True, help="output HF directory")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the written tensors (default: the checkpoint's own)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_export_cmd)
