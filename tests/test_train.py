@@ -171,7 +171,10 @@ def test_compile_once_and_loss_decreases(small):
 
 def test_one_vs_eight_devices(small):
     cfg, params = small
-    tc = TrainConfig(batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=1, steps=4)
+    # Adam's first update is about +-lr on every weight whatever the gradient's size, so
+    # reduction-order rounding on near-zero gradients shows at full lr; a 2-step warmup
+    # (first update at lr/2) keeps the comparison about sharding, not Adam's sign flips
+    tc = TrainConfig(batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=2, steps=4)
     one, l1, _ = run_steps(cfg, params, tc, synthetic_stream(), make_mesh("data=1", jax.devices()[:1]), 4)
     mesh8 = make_mesh("data=2,fsdp=4")
     eight, l8, _ = run_steps(cfg, params, tc, synthetic_stream(), mesh8, 4)
