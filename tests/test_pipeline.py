@@ -47,6 +47,16 @@ def test_pipeline_end_to_end_and_reruns(student, tmp_path, capsys, monkeypatch):
                 best[r["id"]] = min(best.get(r["id"], key), key)
     assert {r["id"]: r["teacher_name"] for r in sel} == {k: v[1] for k, v in best.items()}
     assert (out / "report" / "report.md").exists()
+    # the report's teacher accuracy is the judge's over all answers, as verify counted it
+    acc = json.loads((out / "report" / "report.json").read_text())["accuracy"]["teachers"]
+    judged = json.loads((out / "verified" / "verify_manifest.json").read_text())["teachers"]
+    assert set(acc) == set(judged) and len(acc) == 6
+    for t, v in judged.items():
+        assert (acc[t]["correct"], acc[t]["incorrect"], acc[t]["undecided"], acc[t]["total"]) == (
+            v["correct"], v["incorrect"], v["undecided"], v["rows"])
+    # strongest is ordered by the judge's accuracy file, never by name
+    strongest = json.loads((out / "selections" / "strongest" / "manifest.json").read_text())
+    assert strongest["order_source"].endswith("teacher_accuracy.json")
     assert len(_lines(out / "train" / "metrics.jsonl")) == 2
     # disk: one float32 checkpoint, one bfloat16 export, no optimiser checkpoints left
     assert not (out / "train" / "checkpoints").exists()
