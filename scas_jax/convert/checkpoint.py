@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from scas_jax.convert.keymap import abstract_params
+from scas_jax.data.jsonl import read_json
 from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig, read_hf_config
 from scas_jax.parallel import param_shardings
@@ -58,10 +59,7 @@ def write_meta(out: Path, cfg: ModelConfig, hf_config: dict, param_dtype: str, s
 
 def read_meta(path: str | Path) -> dict:
     p = Path(path) / MARKER
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ScasError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+    meta = read_json(p)
     if meta.get("format") != FORMAT:
         raise ScasError(f"{p}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
     return meta

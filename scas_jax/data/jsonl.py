@@ -43,3 +43,20 @@ def iter_jsonl(path: str | Path, limit: int | None = None) -> Iterator[tuple[int
                 raise ScasError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
             count += 1
             yield line_no, row
+
+
+def read_json(path: str | Path, what: str = "") -> Any:
+    """The JSON value of a whole file; ScasError naming the file (and line) when it is
+    missing, unreadable or not JSON. ``what`` ("manifest", ...) goes into the message."""
+    path = Path(path)
+    label = f" {what}" if what else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ScasError(f"{path}: no such{label or ' file'}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScasError(f"{path}: cannot read{label}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScasError(f"{path}:{e.lineno}: invalid JSON{label and ' in' + label}: {e.msg}") from None

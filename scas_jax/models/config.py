@@ -11,10 +11,10 @@ One dataclass covers the four supported families. What differs between them:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
+from scas_jax.data.jsonl import read_json
 from scas_jax.errors import ScasError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -129,13 +129,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
 
 
 def read_hf_config(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScasError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ScasError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    return read_json(path)
 
 
 def tiny_config(model_type: str = "llama", **overrides: Any) -> ModelConfig:

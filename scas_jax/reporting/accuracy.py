@@ -9,14 +9,13 @@ its ``verify_manifest.json`` the same counts per teacher, which are cross-checke
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from scas_jax.data.files import discover_pool
-from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.jsonl import iter_jsonl, read_json
 from scas_jax.data.rows import id_key, row_teacher
 from scas_jax.data.verdicts import correctness_at, has_flag
 from scas_jax.errors import ScasError
@@ -85,12 +84,7 @@ def load_verified(directory: str | Path) -> VerifiedSet:
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ScasError(f"{path}: cannot read: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise ScasError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    data = read_json(path, "verify manifest")
     if not isinstance(data, dict) or not isinstance(data.get("teachers"), dict):
         raise ScasError(f"{path}: not a verify manifest (no \"teachers\" object)")
     return data

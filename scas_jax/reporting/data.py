@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from scas_jax.data.files import PoolFile, discover_pool
-from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.jsonl import iter_jsonl, read_json
 from scas_jax.data.rows import id_key, row_answer, row_teacher
 from scas_jax.data.verdicts import correctness, correctness_at, has_flag
 from scas_jax.errors import ScasError
@@ -188,10 +187,7 @@ def find_manifests(path: str | Path) -> list[Path]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ScasError(f"{path}: cannot read manifest: {e}") from e
+    data = read_json(path, "manifest")
     if not isinstance(data, dict):
         raise ScasError(f"{path}: a manifest must be a JSON object")
     return data

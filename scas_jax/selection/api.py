@@ -13,7 +13,6 @@ Layout of the outputs (``OUT`` is ``output_dir``):
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Iterable, Mapping
 from scas_jax import __version__
 from scas_jax.errors import ScasError
 from scas_jax.data.files import SCORES, discover_pool, require_score_files, sha256_file
+from scas_jax.data.jsonl import read_json
 from scas_jax.io_utils import publish_dir, publish_files
 from scas_jax.selection.candidates import Pool, drop_unverified, load_pool, skip_summary
 from scas_jax.selection.rows import dataset_info, output_row
@@ -58,12 +58,7 @@ def read_teacher_accuracy(path: str | Path) -> dict[str, float]:
     ``{"teacher": {"correct": c, "incorrect": i, "undecided": u, "total": n, "accuracy": c / n}}``.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ScasError(f"{path}: cannot read teacher accuracy file: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise ScasError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from e
+    data = read_json(path, "teacher accuracy file")
     if not isinstance(data, dict) or not data:
         raise ScasError(f'{path}: expected a JSON object {{"teacher": accuracy, ...}}')
     out = {}

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from scas_jax.data.chat import ChatEncoder, RowError
+from scas_jax.data.jsonl import iter_jsonl, read_json
 from scas_jax.data.packing import BatchPlan, materialise
-from scas_jax.data.jsonl import iter_jsonl
 from scas_jax.errors import ScasError
 
 BATCH_KEYS = ("tokens", "targets", "weights")
@@ -86,10 +85,7 @@ def resolve_dataset(path: str | Path, dataset: str = "") -> Path:
         raise ScasError(f"{path}: no such file")
     if path.name != "dataset_info.json":
         return path
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ScasError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    info = read_json(path)
     if not isinstance(info, dict) or not info:
         raise ScasError(f"{path}: expected a non-empty mapping of dataset names")
     if not dataset:
