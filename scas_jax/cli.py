@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from scas_jax import distributed
 from scas_jax.errors import ScasError
 
 COMMAND_MODULES = (
@@ -22,6 +23,9 @@ COMMAND_MODULES = (
     "scas_jax.reporting.commands",  # report
     "scas_jax.training.commands",  # train
 )
+# Subcommands that touch JAX devices: they take the multi-process start-up flags and
+# start the process group (scas_jax.distributed) before they run.
+JAX_COMMANDS = frozenset({"convert", "export", "pipeline", "score", "train"})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     # one look for every subcommand: its one-line summary heads its own --help too
     summaries = {a.dest: a.help for a in sub._get_subactions()}
     for name, p in sub.choices.items():
+        if name in JAX_COMMANDS:
+            distributed.add_args(p)
         p.formatter_class = HelpFormatter
         if not p.description:
             p.description = summaries.get(name)
@@ -58,13 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        if args.command in JAX_COMMANDS:
+            distributed.initialize_from_args(args)
+        code = int(args.func(args) or 0)
     except ScasError as e:
         print(f"scas-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print(f"scas-jax {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if code != 0:
+        distributed.abandon(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -149,16 +149,6 @@ def shard_batch(mesh: Mesh, batch: dict) -> dict:
     }
 
 
-def initialize_distributed() -> None:
-    """Multi-host start-up: ``jax.distributed.initialize`` when a coordinator is configured."""
-    import os
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("SLURM_JOB_ID") or os.environ.get(
-        "TPU_WORKER_HOSTNAMES"
-    ):
-        jax.distributed.initialize()
-
-
 def is_main_process() -> bool:
     """Only process 0 writes files."""
     return jax.process_index() == 0

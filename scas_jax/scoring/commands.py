@@ -610,9 +610,8 @@ def score(
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from scas_jax.parallel import initialize_distributed, is_main_process
+    from scas_jax.parallel import is_main_process
 
-    initialize_distributed()
     m = score(
         args.student, args.candidate_dir, args.output_dir, lambda_scas=args.lambda_scas,
         target_layer=args.target_layer, mesh=args.mesh, batch_tokens=args.batch_tokens,
