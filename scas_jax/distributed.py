@@ -9,8 +9,11 @@ Where the process group comes from, first match wins:
 2. a SLURM job step with more than one task (``SLURM_NTASKS`` or ``SLURM_NPROCS`` > 1):
    jax's SLURM detection (coordinator = the step's first node).
 3. a Cloud TPU pod slice with more than one worker (``TPU_WORKER_HOSTNAMES`` lists more
-   than one host): jax's TPU detection.
-4. otherwise: one process, nothing to start.
+   than one host, as on GKE): jax's TPU detection.
+4. ``SCAS_JAX_CLUSTER=auto``: jax's own cluster detection, whatever it finds (TPU VM
+   metadata, SLURM, Open MPI, Kubernetes); ``launch/tpu_pod.sh`` sets it, because on a
+   TPU VM the worker count is in the VM's metadata, not in the environment.
+5. otherwise: one process, nothing to start.
 
 A one-task SLURM job or a single-host TPU VM stays a single process. Every process
 logs one line: ``process i of N, L local / G global devices``. A process that fails
@@ -32,6 +35,7 @@ ENV_COORDINATOR = "SCAS_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "SCAS_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "SCAS_JAX_PROCESS_ID"
 ENV_HEARTBEAT = "SCAS_JAX_HEARTBEAT_TIMEOUT"
+ENV_CLUSTER = "SCAS_JAX_CLUSTER"
 DEFAULT_HEARTBEAT_SECONDS = 100
 
 _started: "ProcessGroup | None" = None
@@ -41,8 +45,8 @@ _started: "ProcessGroup | None" = None
 class ProcessGroup:
     """How this run's processes find each other.
 
-    source: ``"explicit"``, ``"slurm"``, ``"tpu"`` or ``"single"``; coordinator, count
-    and id are None where jax detects them itself (SLURM, TPU).
+    source: ``"explicit"``, ``"slurm"``, ``"tpu"``, ``"auto"`` or ``"single"``;
+    coordinator, count and id are None where jax detects them itself.
     """
 
     source: str
@@ -113,6 +117,11 @@ def resolve(coordinator: str | None = None, num_processes: int | None = None,
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if len(hosts) > 1:
         return ProcessGroup("tpu")
+    cluster = env.get(ENV_CLUSTER, "").strip()
+    if cluster == "auto":
+        return ProcessGroup("auto")
+    if cluster:
+        raise ScasError(f"{ENV_CLUSTER}={cluster!r}: the only value is 'auto' (jax's cluster detection)")
     return ProcessGroup("single")
 
 

@@ -48,6 +48,9 @@ def test_schedulers_only_when_they_report_several_processes():
     assert resolve(env={"TPU_WORKER_HOSTNAMES": "w0,w1"}).source == "tpu"
     # jax's own variable alone starts nothing (jax would fail: no process count)
     assert resolve(env={"JAX_COORDINATOR_ADDRESS": "h:1"}).source == "single"
+    assert resolve(env={"SCAS_JAX_CLUSTER": "auto"}).source == "auto"
+    with pytest.raises(ScasError, match="only value is 'auto'"):
+        resolve(env={"SCAS_JAX_CLUSTER": "tpu"})
 
 
 _PROBE = """
@@ -102,3 +105,36 @@ def test_a_failing_process_does_not_hang_the_others():
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "/nonexistent: no such file or directory" in proc.stderr
     assert time.time() - t0 < 40
+
+
+def test_multinode_script_starts_each_rank():
+    """launch/multinode.sh on two "nodes" (here: two local processes) forms one run."""
+    port = str(random.randint(20000, 40000))
+    script = REPO / "launch" / "multinode.sh"
+    procs = [subprocess.Popen(["bash", str(script), "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                               "--process-id", str(i), "--", sys.executable, "-c", _PROBE],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+             for i in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert _results("".join(outs)) == [["explicit", "0", "2", "4", "2"], ["explicit", "1", "2", "4", "2"]]
+
+
+@pytest.mark.parametrize("script", ["multinode.sh", "tpu_pod.sh", "local_multiprocess.sh"])
+def test_launch_scripts_refuse_missing_arguments(script):
+    path = REPO / "launch" / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    proc = subprocess.run(["bash", str(path)] + (["2"] if script == "local_multiprocess.sh" else []),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and script.split(".")[0] in proc.stderr
+
+
+def test_slurm_batch_script_runs_the_command_under_srun(tmp_path):
+    """The sbatch script hands its arguments to srun unchanged (srun faked on PATH)."""
+    fake = tmp_path / "srun"
+    fake.write_text('#!/usr/bin/env bash\necho "srun $*"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "launch" / "slurm.sbatch"), "scas-jax", "train", "--resume"],
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == "srun --kill-on-bad-exit=1 scas-jax train --resume"
