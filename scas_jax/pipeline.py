@@ -62,18 +62,19 @@ class StageLog:
     stage was redone); it prints why when it is not a skip.
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, write: bool = True):
         self.path = out / STATE_FILE
+        self.write = write  # multi-process runs: process 0 keeps the record
         self.stages: dict[str, dict] = {}
         if self.path.exists():
             self.stages = json.loads(self.path.read_text(encoding="utf-8")).get("stages", {})
         self._redone: str | None = None  # the first stage this run redid
 
-    def decide(self, name: str, settings: dict) -> str:
+    def decide(self, name: str, settings: dict, report=print) -> str:
         rec = self.stages.get(name)
         if self._redone is not None:
             if rec is not None:
-                print(f"    redoing {name}: the {self._redone} stage before it was redone")
+                report(f"    redoing {name}: the {self._redone} stage before it was redone")
             return "run"
         if rec is None:
             return "run"
@@ -81,7 +82,7 @@ class StageLog:
             changed = sorted(k for k in {*settings, *rec["settings"]}
                              if settings.get(k) != rec["settings"].get(k))
             what = ", ".join(f"{k}: {rec['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            print(f"    settings changed ({what}): redoing {name} and every stage after it")
+            report(f"    settings changed ({what}): redoing {name} and every stage after it")
             return "run"
         return "skip" if rec["done"] else "resume"
 
@@ -98,7 +99,8 @@ class StageLog:
         self._save()
 
     def _save(self) -> None:
-        write_json_atomic(self.path, {"stages": self.stages})
+        if self.write:
+            write_json_atomic(self.path, {"stages": self.stages})
 
 
 def _remove(*paths: Path) -> None:
@@ -109,8 +111,14 @@ def _remove(*paths: Path) -> None:
             p.unlink()
 
 
-def _stage(n: int, total: int, text: str) -> None:
-    print(f"\n[{n}/{total}] {text}", flush=True)
+def _barrier(tag: str) -> None:
+    """All processes of a multi-process run reach ``tag`` before any goes on."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"scas_jax.pipeline.{tag}")
 
 
 def slice_pool(src: Path, out: Path, start: int, stop: int) -> Path:
@@ -188,9 +196,16 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
 
         raise ScasError("pipeline: --questions and --train-steps must be >= 1, "
                         "--heldout-questions >= 0")
+    from scas_jax.parallel import is_main_process
+
+    main = is_main_process()
+    say = print if main else (lambda *a, **k: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = StageLog(out)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier("start")
+    log = StageLog(out, write=main)
+    _barrier("state-read")  # every process decides from the same record
     t0 = time.time()
     total = 8
     conv, pool, heldout = out / "student", out / "pool", out / "heldout"
@@ -199,19 +214,23 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
     results: dict[str, Any] = {}
 
     def stage(n: int, name: str, text: str, settings: dict, outputs: list[Path],
-              fn: Callable[[bool], Any]) -> Any:
-        _stage(n, total, text)
-        action = log.decide(name, settings)
+              fn: Callable[[bool], Any], collective: bool = False) -> Any:
+        """Run, resume or skip one stage. ``collective`` stages (they use the devices) run
+        on every process; the others (files only) on process 0 while the rest wait."""
+        say(f"\n[{n}/{total}] {text}", flush=True)
+        action = log.decide(name, settings, report=say)
         if action == "skip" and not all(p.exists() for p in outputs):
-            print(f"    {name}'s outputs are gone: redoing it and every stage after it")
+            say(f"    {name}'s outputs are gone: redoing it and every stage after it")
             action = "run"
         if action == "skip":
-            print("    done earlier with the same settings")
+            say("    done earlier with the same settings")
             return log.stages[name].get("result")
-        if action == "run":
+        if action == "run" and main:
             _remove(*outputs)
         log.start(name, settings, redo=True)
-        result = fn(action == "resume")
+        _barrier(f"{name}-begin")
+        result = fn(action == "resume") if (collective or main) else None
+        _barrier(f"{name}-end")
         log.finish(name, result)
         return result
 
@@ -220,7 +239,8 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
 
         convert(s.student, conv)
 
-    stage(1, "convert", f"convert {s.student} -> {conv}", {"student": s.student}, [conv], do_convert)
+    stage(1, "convert", f"convert {s.student} -> {conv}", {"student": s.student}, [conv], do_convert,
+          collective=True)
 
     def do_pool(_):
         slice_pool(GSM8K_POOL, pool, 0, s.questions)
@@ -235,7 +255,7 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
 
         manifest = verify(pool, verified)
         a = manifest["agreement_with_input_flags"]
-        print(f"    judge agrees with the pool's flags on {a['agree']}/{a['compared_rows']} answers "
+        say(f"    judge agrees with the pool's flags on {a['agree']}/{a['compared_rows']} answers "
               f"({a['undecided']} undecided)")
 
     stage(3, "verify", "verify answers (rule-based math judge)", {}, [verified], do_verify)
@@ -246,7 +266,8 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
         m = score(conv, verified, scored, progress=progress)
         return {"rows": m.get("rows"), "wall_seconds": m.get("wall_seconds")}
 
-    stage(4, "score", "score every verified answer with the student (SCAS)", {}, [scored], do_score)
+    stage(4, "score", "score every verified answer with the student (SCAS)", {}, [scored], do_score,
+          collective=True)
 
     def do_select(_):
         from scas_jax.selection.api import select
@@ -258,7 +279,7 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
             m = select(scored if strategy == "min" else verified, sel, strategy=strategy,
                        verified_only=True, overwrite=True, **kw)
             shares[strategy] = {t: round(v["share"], 3) for t, v in (m.get("teacher_share") or {}).items()}
-            print(f"    {strategy}: {m.get('selected_rows')} answers, teacher share {shares[strategy]}")
+            say(f"    {strategy}: {m.get('selected_rows')} answers, teacher share {shares[strategy]}")
         return shares
 
     results["teacher_share"] = stage(5, "select", "select: SCAS min and the strongest-teacher baseline",
@@ -282,8 +303,9 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
         from scas_jax.training.loop import train
 
         resume = resume and (train_dir / "checkpoints").is_dir()
-        if not resume:
+        if not resume and main:
             _remove(train_dir)
+        _barrier("train-clean")
         n = jax.device_count()  # rows per step: a multiple of the devices
         rows = -(-s.rows_per_step // n) * n
         summary = train(conv, sel / "scas_score" / "min_score_selected.jsonl", train_dir,
@@ -294,15 +316,18 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
         if summary.get("interrupted"):
             raise KeyboardInterrupt
         export(train_dir / "final", train_dir / "hf", dtype="bfloat16", overwrite=True)
+        _barrier("train-exported")
+        if not main:
+            return None
         _remove(train_dir / "checkpoints")  # training finished: resume state no longer needed
         losses = [json.loads(line)["loss"] for line in
                   (train_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-        print("    training loss (answer tokens, per step's batch): "
+        say("    training loss (answer tokens, per step's batch): "
               + " ".join(f"{x:.3f}" for x in losses))
         return {"losses": losses}
 
     stage(7, "train", f"fine-tune {s.train_steps} steps on the SCAS selection, export to HF",
-          train_settings, [train_dir], do_train)
+          train_settings, [train_dir], do_train, collective=True)
 
     def do_effect(_):
         from scas_jax.data.jsonl import iter_jsonl
@@ -312,16 +337,17 @@ def run_pipeline(out_dir: str | Path = "runs/demo", settings: PipelineSettings =
         if s.heldout_questions:
             sets["heldout"] = verified_rows(heldout)
         effect = measure_effect(conv, train_dir / "final", sets)
-        write_json_atomic(out / "effect.json", effect)
+        if main:
+            write_json_atomic(out / "effect.json", effect)
         return effect
 
     effect = stage(8, "effect", "the effect of fine-tuning: mean answer NLL, base vs fine-tuned",
-                   {}, [out / "effect.json"], do_effect)
+                   {}, [out / "effect.json"], do_effect, collective=True)
     table = effect_table(effect, s)
-    print(table)
-    summary = summary_markdown(out, s, table, time.time() - t0)
-    write_text_atomic(out / "summary.md", summary)
-    print(f"\ndone in {time.time() - t0:.0f}s: report {report_dir / 'report.md'}, "
+    say(table)
+    if main:
+        write_text_atomic(out / "summary.md", summary_markdown(out, s, table, time.time() - t0))
+    say(f"\ndone in {time.time() - t0:.0f}s: report {report_dir / 'report.md'}, "
           f"summary {out / 'summary.md'}, fine-tuned model {train_dir / 'hf'}")
     results.update({"out": str(out), "effect": effect, "ok": True})
     return results
