@@ -31,7 +31,7 @@ from scas_jax.data.layout import score_file_name
 from scas_jax.errors import ScasError
 from scas_jax.scoring.core import DEFAULT_TAP
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")  # auto: scas_jax.models.precision.resolve_dtype
 MANIFEST = "manifest.json"
 # Version of the per-teacher record in the manifest: bump it when score files made by
 # the same inputs and settings would change (new fields, other semantics), so that
@@ -561,7 +561,7 @@ def score(
     limit: int | None = None,
     skip_existing: bool = False,
     include_unverified: bool = False,
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_segments: int = 16,
     progress: bool = True,
     on_batch: BatchCallback | None = None,
@@ -576,6 +576,8 @@ def score(
       skip_existing: keep a teacher's score file when the manifest records that it was
         made from the same candidate file content, student and result settings; rescore
         the others (saying why on stderr and in ``teachers.<t>.rescored_because``).
+      dtype: ``auto`` (bfloat16 on GPU/TPU, float32 on CPU), ``float32`` or ``bfloat16``;
+        the manifest records the resolved one.
       max_segments: at most this many sequences packed per row (1 = no packing).
       progress: show a progress bar on stderr.
       on_batch: called on the main process after each batch is journaled, with
@@ -612,6 +614,13 @@ def score(
 def _cmd(args: argparse.Namespace) -> int:
     from scas_jax.parallel import is_main_process
 
+    if args.dry_run:  # per-device memory on the target mesh; no weights or pool read
+        from scas_jax.sizing import dry_run_score, format_report
+
+        print(format_report(dry_run_score(
+            args.student, mesh=args.mesh, dtype=args.dtype, batch_tokens=args.batch_tokens,
+            max_length=args.max_length, target_layer=args.target_layer)))
+        return 0
     m = score(
         args.student, args.candidate_dir, args.output_dir, lambda_scas=args.lambda_scas,
         target_layer=args.target_layer, mesh=args.mesh, batch_tokens=args.batch_tokens,
@@ -669,5 +678,10 @@ def register(sub) -> None:
     p.add_argument("--include-unverified", action="store_true",
                    help="also score rows flagged incorrect (teacher_correct, else is_correct, "
                         "false)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter/activation dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="parameter/activation dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print per-device memory (parameters, activations) and the batch plan "
+                        "on --mesh, which may be larger than this machine; reads no weights "
+                        "and no pool; --student may be a preset of configs/models (qwen3-8b)")
     p.set_defaults(func=_cmd)

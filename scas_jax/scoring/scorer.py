@@ -19,6 +19,7 @@ import numpy as np
 
 from scas_jax.data.chat import ChatEncoder, Encoded, RowError
 from scas_jax.data.packing import BatchPlan, materialise, padding_stats, plan_batches
+from scas_jax.models.precision import matmul_precision
 from scas_jax.scoring.core import DEFAULT_TAP, compiled_stats
 from scas_jax.scoring.fields import check_lambda, error_fields, fields_from_batch
 
@@ -34,9 +35,14 @@ class ScoreConfig:
     batch_tokens: int = 4096  # measured on CPU: less tail padding than 8192, same matmul speed
     max_length: int = 4096
     max_segments: int = 16
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU (resolved on construction)
     attn_impl: str = "auto"
     vocab_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        from scas_jax.models.precision import resolve_dtype
+
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype))
 
 
 @dataclasses.dataclass
@@ -100,8 +106,9 @@ def iter_scored_batches(
 
     n_proc, pid = jax.process_count(), jax.process_index()
 
-    def run(batch):
-        return executable(fn, params, batch)(params, batch)
+    def run(batch):  # traced under the dtype's matmul precision (models/precision.py)
+        with matmul_precision(cfg.dtype):
+            return executable(fn, params, batch)(params, batch)
 
     def build(k):
         arrays = materialise(prepared.plans[k], seqs, _SEQ_KEYS)
@@ -148,10 +155,11 @@ def score_rows(
     model_cfg,
     tokenizer: Any,
     rows: Sequence[dict],
-    cfg: ScoreConfig = ScoreConfig(),
+    cfg: ScoreConfig | None = None,
     mesh=None,
 ) -> list[dict]:
     """SCAS fields for every row, in order (error rows get zeros and ``scas_scoring_error``)."""
+    cfg = cfg or ScoreConfig()
     row_multiple = 1
     if mesh is not None:
         from scas_jax.parallel import batch_divisor

@@ -11,6 +11,11 @@ EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 def _train_cmd(args: argparse.Namespace) -> int:
     from scas_jax.training.loop import train
 
+    if args.dry_run:  # per-device memory on the config's mesh; no weights or data read
+        from scas_jax.sizing import dry_run_train, format_report
+
+        print(format_report(dry_run_train(args.student, args.config, args.overrides)))
+        return 0
     overrides = list(args.overrides)
     if args.eval_data:
         overrides.append(f"eval_data={args.eval_data}")
@@ -53,5 +58,10 @@ def register(sub) -> None:
     p.add_argument("--eval-data", default=None, help="held-out SFT JSONL for the eval loss")
     p.add_argument("--export-hf", default=None, help="also write the final model for transformers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print per-device memory (parameters, optimiser state, activations) "
+                        "and the batch plan on the config's mesh, which may be larger than "
+                        "this machine; reads no weights and no data (--output-dir is unused); "
+                        "--student may be a preset of configs/models (qwen3-8b)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_train_cmd)

@@ -19,7 +19,7 @@ import yaml
 from scas_jax.errors import ScasError
 
 SCHEDULES = ("cosine", "constant")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # auto: models/precision.resolve_dtype
 SELECTIONS = ("static", "dynamic")
 DYNAMIC_STRATEGIES = ("min", "groups")
 DEFAULT_TARGET_LAYER = "layers.-1.mlp.up_proj"  # = scas_jax.scoring.core.DEFAULT_TAP
@@ -55,7 +55,9 @@ class TrainConfig:
     epochs: int = 1
     seed: int = 0
     # compute
-    compute_dtype: str = "float32"  # master weights and optimiser state stay float32
+    # auto: bfloat16 on GPU/TPU, float32 on CPU, resolved on construction (so the saved
+    # config records the dtype used); master weights and optimiser state stay float32
+    compute_dtype: str = "auto"
     remat: bool = False
     attn_impl: str = "auto"  # auto: flash-style blockwise (custom VJP) past 256 tokens, else dense
     logits_chunk: int = 256
@@ -84,9 +86,14 @@ class TrainConfig:
     include_unverified: bool = False  # dynamic: also candidates flagged teacher_correct=false
     score_batch_tokens: int = 4096
     score_max_segments: int = 16
-    score_dtype: str = "float32"
+    score_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        from scas_jax.models.precision import resolve_dtype
+
+        for name in ("compute_dtype", "score_dtype"):
+            if getattr(self, name) == "auto":
+                object.__setattr__(self, name, resolve_dtype("auto"))
         self.validate()
 
     def validate(self) -> None:

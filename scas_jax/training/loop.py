@@ -32,6 +32,7 @@ import yaml
 
 from scas_jax.errors import ScasError
 from scas_jax.io_utils import atomic_dir, write_text_atomic
+from scas_jax.models.precision import with_matmul_precision
 from scas_jax.parallel import batch_divisor, is_main_process, make_mesh
 from scas_jax.training import step as st
 from scas_jax.training.checkpoints import TrainCheckpoints, abstract_like
@@ -268,6 +269,9 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
         write_text_atomic(output_dir / "train_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     step_fn = st.make_train_step(student.cfg, cfg, optimizer, mesh, shardings, schedule)
     eval_fn = st.make_eval_step(student.cfg, cfg, mesh, shardings.params) if eval_sets else None
+    # traced under the compute dtype's matmul precision (float32 is float32 on GPU/TPU too)
+    step_fn = with_matmul_precision(step_fn, cfg.compute_dtype)
+    eval_fn = eval_fn and with_matmul_precision(eval_fn, cfg.compute_dtype)
     writer = MetricsWriter(output_dir, resume_step=start, enabled=main)
     fpt = flops_per_token(student.cfg, cfg.seq_len)
     peak = peak_flops(mesh.devices.flatten().tolist(), cfg.peak_tflops_per_device)
