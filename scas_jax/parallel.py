@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import jax
 import numpy as np
@@ -141,12 +142,76 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def row_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+    """Axis ``axis`` (the rows) over ``("data", "fsdp")``, every other axis whole."""
+    return NamedSharding(mesh, P(*([None] * axis), BATCH_AXES))
+
+
+def _row_block(index: tuple, axis: int, n_rows: int) -> tuple[int, int]:
+    """``(start, stop)`` of the rows a device's global ``index`` covers."""
+    start, stop, _ = index[axis].indices(n_rows)
+    return start, stop
+
+
+def global_rows(mesh: Mesh, n_rows: int, build: Callable[[slice], dict[str, np.ndarray]],
+                axis: int = 0) -> dict[str, jax.Array]:
+    """Global arrays of ``n_rows`` rows on ``axis``, sharded over the batch axes.
+
+    Every process runs the same deterministic plan, and each materialises only the rows
+    its own devices hold, at the global indices the sharding gives them:
+    ``build(rows: slice) -> {name: host array}`` returns those rows (``axis`` of each
+    array has ``rows.stop - rows.start`` entries, the other axes are whole). It is called
+    once per distinct block this process addresses (with one process: the blocks of all
+    devices). Where a row lands never depends on the order of the mesh's devices or on
+    which process owns them; read results back with :func:`to_host`.
+
+    Returns ``{name: jax.Array[..., n_rows (on axis), ...]}`` with :func:`row_sharding`.
+    """
+    sharding = row_sharding(mesh, axis)
+    probe = (1,) * axis + (n_rows,)
+    blocks: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    for index in sharding.addressable_devices_indices_map(probe).values():
+        key = _row_block(index, axis, n_rows)
+        if key not in blocks:
+            blocks[key] = {k: np.asarray(v) for k, v in build(slice(*key)).items()}
+    first = next(iter(blocks.values()))
+    out = {}
+    for name, block in first.items():
+        shape = block.shape[:axis] + (n_rows,) + block.shape[axis + 1:]
+
+        def fetch(index, name=name):
+            return blocks[_row_block(index, axis, n_rows)][name]
+
+        out[name] = jax.make_array_from_callback(shape, sharding, fetch)
+    return out
+
+
+def put_rows(mesh: Mesh, arrays: dict[str, np.ndarray], axis: int = 0) -> dict[str, jax.Array]:
+    """Host arrays holding *all* rows of a global batch (the same on every process) ->
+    global arrays; each process transfers only the rows its devices hold."""
+    n_rows = next(iter(arrays.values())).shape[axis]
+    take = lambda rows: {k: np.asarray(v)[(slice(None),) * axis + (rows,)] for k, v in arrays.items()}
+    return global_rows(mesh, n_rows, take, axis)
+
+
 def shard_batch(mesh: Mesh, batch: dict) -> dict:
-    """Host arrays (this process's rows) -> global arrays sharded over the batch axes."""
-    return {
-        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-        for k, v in batch.items()
-    }
+    """Host arrays ``[rows, ...]`` of the whole global batch -> global arrays sharded over
+    the batch axes (see :func:`put_rows`)."""
+    return put_rows(mesh, batch, axis=0)
+
+
+def to_host(tree):
+    """Global arrays -> numpy in global index order (row ``i`` is global row ``i``,
+    whatever process or device held it). Collective when the arrays span processes:
+    every process must call it in the same order."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
 def is_main_process() -> bool:

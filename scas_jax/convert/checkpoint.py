@@ -10,8 +10,12 @@ Layout of a converted directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import numpy as np
@@ -30,20 +34,83 @@ def is_converted(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def save_params(path: str | Path, params) -> None:
-    """Write ``params`` with Orbax (blocking). Orbax itself commits atomically."""
+def orbax_path(path):
+    """The path Orbax gets: an ``etils.epath.Path``; a URL such as ``gs://bucket/run`` is
+    kept as written (``pathlib`` would fold its ``//``), a local path is made absolute."""
+    from etils import epath
+
+    text = os.fspath(path)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))
+
+
+def save_params(path, params) -> None:
+    """Write ``params`` with Orbax (blocking). Orbax itself commits atomically.
+
+    Collective: with several processes every one calls it (each writes the shards its
+    devices hold) with the same ``path``."""
     import orbax.checkpoint as ocp
 
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(Path(path).absolute(), params)
+    ckptr.save(orbax_path(path), params)
     ckptr.wait_until_finished()
 
 
-def restore_params(path: str | Path, abstract) -> dict:
-    """Read the Orbax tree at ``path`` into the shardings named by ``abstract``'s leaves."""
+def restore_params(path, abstract) -> dict:
+    """Read the Orbax tree at ``path`` into the shardings named by ``abstract``'s leaves
+    (every process calls it: each reads what its devices hold)."""
     import orbax.checkpoint as ocp
 
-    return ocp.StandardCheckpointer().restore(Path(path).absolute(), abstract)
+    return ocp.StandardCheckpointer().restore(orbax_path(path), abstract)
+
+
+def _sync(name: str) -> None:
+    """A barrier over all processes (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def shared_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a converted directory that every process writes into (Orbax saves are
+    collective), published at ``out`` only when the block succeeded everywhere.
+
+    One process: :func:`scas_jax.io_utils.atomic_dir`. Several: process 0 prepares the
+    temp sibling ``.<name>.partial`` (one name all processes agree on), every process
+    runs the block (Orbax writes; only process 0 should write other files), then process
+    0 renames it onto ``out``; barriers order the steps. A process that fails exits
+    (``distributed.abandon``) and its peers stop when its heartbeat does.
+    """
+    from scas_jax.io_utils import atomic_dir, refuse_non_empty
+
+    if jax.process_count() == 1:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    out = Path(out).absolute()
+    if not overwrite:
+        refuse_non_empty(out)
+    tmp = out.parent / f".{out.name}.partial"
+    main = jax.process_index() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _sync(f"scas_jax:{out}:prepared")
+    try:
+        yield tmp
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _sync(f"scas_jax:{out}:written")
+    if main:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    _sync(f"scas_jax:{out}:published")
 
 
 def write_meta(out: Path, cfg: ModelConfig, hf_config: dict, param_dtype: str, source: str) -> None:
@@ -68,7 +135,7 @@ def read_meta(path: str | Path) -> dict:
 def abstract_with_shardings(cfg: ModelConfig, dtype, mesh) -> dict:
     abstract = abstract_params(cfg, dtype)
     if mesh is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
     shardings = param_shardings(abstract, mesh)
     return jax.tree.map(

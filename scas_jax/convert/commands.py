@@ -25,8 +25,11 @@ _HF_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Convert a Hugging Face directory or GGUF file into a converted directory at ``out``.
 
-    Tensors are read one at a time into host buffers (never two copies of the model);
-    the directory is built beside ``out`` and renamed into place only when complete.
+    Tensors are read one at a time into host buffers (never two copies of the model)
+    and each is placed on a mesh over all devices by the rule table as soon as it is
+    filled (no device holds the whole model); the directory is built beside ``out`` and
+    renamed into place only when complete. With several processes every process runs
+    this (the Orbax save is collective); only process 0 writes the other files.
     """
     from tqdm import tqdm
 
@@ -35,46 +38,79 @@ def convert(hf: str | Path, out: str | Path, dtype: str = "float32", overwrite: 
     from scas_jax.convert.sources import open_source
     from scas_jax.convert.student_io import load_tokenizer, placer, resolve_path
     from scas_jax.models.config import config_from_hf
+    from scas_jax.parallel import is_main_process, make_mesh
 
     src_path = resolve_path(hf)
     np_dt = checkpoint.np_dtype(dtype)
     source = open_source(src_path)
     cfg = config_from_hf(source.hf_config, where=source.config_where)
     out = Path(out)
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        with tqdm(total=len(source.names), desc="converting", unit="tensor") as bar:
-            # each leaf moves to the (host) device as soon as it is filled, so the host
-            # buffer of one leaf is the only transient copy
+    main = is_main_process()
+    with checkpoint.shared_output_dir(out, overwrite=overwrite) as tmp:
+        with tqdm(total=len(source.names), desc="converting", unit="tensor",
+                  disable=not main) as bar:
             params = params_from_tensors(
                 cfg, source.get, source.names, np_dt, source.describe(),
-                place=placer(None), progress=bar.update,
+                place=placer(make_mesh("fsdp=-1")), progress=bar.update,
             )
         checkpoint.save_params(tmp / "params", params)
         del params
-        hf_config = dict(source.hf_config)
-        hf_config["dtype"] = _HF_DTYPE[dtype]
-        hf_config.setdefault("architectures", [_ARCHITECTURES[cfg.model_type]])
-        checkpoint.write_meta(tmp, cfg, hf_config, dtype, str(src_path))
-        tok = load_tokenizer(src_path if src_path.is_dir() else src_path.parent, source)
-        if tok is not None:
-            tok.save_pretrained(str(tmp))
+        if main:
+            hf_config = dict(source.hf_config)
+            hf_config["dtype"] = _HF_DTYPE[dtype]
+            hf_config.setdefault("architectures", [_ARCHITECTURES[cfg.model_type]])
+            checkpoint.write_meta(tmp, cfg, hf_config, dtype, str(src_path))
+            tok = load_tokenizer(src_path if src_path.is_dir() else src_path.parent, source)
+            if tok is not None:
+                tok.save_pretrained(str(tmp))
     return out
+
+
+class _Gathered:
+    """A global parameter seen as a host array one slice at a time: ``x[i]`` and
+    ``np.asarray(x)`` gather (collectively) to numpy in global index order."""
+
+    def __init__(self, x):
+        self.x, self.shape, self.dtype = x, x.shape, x.dtype
+
+    def __getitem__(self, index):
+        from scas_jax.parallel import to_host
+
+        return to_host(self.x[index])
+
+    def __array__(self, dtype=None, copy=None):
+        from scas_jax.parallel import to_host
+
+        out = to_host(self.x)
+        return out if dtype is None else out.astype(dtype)
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False,
            max_shard_bytes: int = 2 * 1024**3) -> Path:
     """Write ``model.safetensors`` (sharded past ``max_shard_bytes``), ``config.json`` and
-    the tokenizer, loadable by ``transformers.AutoModelForCausalLM.from_pretrained``."""
+    the tokenizer, loadable by ``transformers.AutoModelForCausalLM.from_pretrained``.
+
+    The checkpoint is read sharded over all devices (rule table); tensors are gathered
+    to the host one at a time while the files stream out. With several processes every
+    process runs this (reading and gathering are collective); only process 0 writes.
+    """
+    import jax
     import numpy as np
 
     from scas_jax.convert.keymap import hf_tensor_specs
     from scas_jax.convert.safetensors_io import write_safetensors
     from scas_jax.loader import load_student
+    from scas_jax.parallel import is_main_process, make_mesh
 
-    student = load_student(ckpt, dtype=dtype)
-    specs = hf_tensor_specs(student.cfg, student.params)
+    student = load_student(ckpt, dtype=dtype, mesh=make_mesh("fsdp=-1"))
+    gathered = jax.tree.map(_Gathered, student.params)
+    specs = hf_tensor_specs(student.cfg, gathered)
     if student.cfg.tie_word_embeddings:
         specs = [s for s in specs if s[0] != "lm_head.weight"]
+    if not is_main_process():
+        for *_, load in specs:  # take part in every gather, in the order the writer loads
+            load()
+        return Path(out)
     shards, cur, size = [], [], 0
     for s in specs:
         nbytes = int(np.prod(s[1])) * np.dtype(s[2]).itemsize

@@ -667,7 +667,9 @@ def register(sub) -> None:
                    help="activation tap: layers.<i>.mlp.up_proj or layers.<i>.residual")
     p.add_argument("--mesh", default="data=-1", help="mesh spec, e.g. data=-1 or data=2,tp=4")
     p.add_argument("--batch-tokens", type=int, default=4096,
-                   help="padded tokens per batch; raise it on accelerators")
+                   help="padded tokens per batch per device (per data x fsdp shard of the "
+                        "mesh: a batch of the whole mesh holds this times that many); raise it "
+                        "on accelerators")
     p.add_argument("--max-length", type=int, default=4096,
                    help="longest sequence scored; longer rows become error rows")
     p.add_argument("--limit", type=int, default=None, help="first N rows of each teacher file")

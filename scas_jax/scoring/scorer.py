@@ -32,7 +32,11 @@ class ScoreConfig:
 
     lambda_scas: float = 0.5
     target_layer: str = DEFAULT_TAP
-    batch_tokens: int = 4096  # measured on CPU: less tail padding than 8192, same matmul speed
+    # padded tokens per batch *per batch shard* (per device of the mesh's data x fsdp
+    # axes): a batch holds ``batch_tokens * row_multiple`` tokens, so every device gets
+    # real rows however many there are. 4096 measured on CPU: less tail padding than
+    # 8192, same matmul speed
+    batch_tokens: int = 4096
     max_length: int = 4096
     max_segments: int = 16
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU (resolved on construction)
@@ -67,6 +71,9 @@ def prepare(rows: Sequence[dict], tokenizer: Any, cfg: ScoreConfig, row_multiple
             encoder: ChatEncoder | None = None) -> Prepared:
     """Tokenize ``rows`` with the reference's boundaries and plan packed batches.
 
+    ``row_multiple``: the mesh's batch shards (data x fsdp); batches hold
+    ``cfg.batch_tokens`` padded tokens per shard, i.e. a multiple of ``row_multiple`` rows.
+
     Rows that fail to encode, or longer than ``max_length``, become error items (never
     truncated silently).
     """
@@ -81,11 +88,20 @@ def prepare(rows: Sequence[dict], tokenizer: Any, cfg: ScoreConfig, row_multiple
             encoded.append(e)
     ok = [i for i, e in enumerate(encoded) if not isinstance(e, str)]
     lengths = [encoded[i].length for i in ok]
-    plans = plan_batches(lengths, max_length=cfg.max_length, batch_tokens=cfg.batch_tokens,
+    plans = plan_batches(lengths, max_length=cfg.max_length,
+                         batch_tokens=cfg.batch_tokens * row_multiple,
                          max_segments=cfg.max_segments, row_multiple=row_multiple)
     plans = [BatchPlan(p.length, tuple(tuple(ok[j] for j in row) for row in p.rows)) for p in plans]
     stats = padding_stats(plans, [e.length if not isinstance(e, str) else 0 for e in encoded])
     return Prepared(encoded, plans, stats)
+
+
+def _rows_of(plan: BatchPlan, rows: slice, seqs: dict[int, dict]) -> dict[str, np.ndarray]:
+    """Host arrays ``[rows.stop - rows.start, plan.length]`` of rows ``rows`` of ``plan``
+    (empty rows included), in the dtypes of the whole batch."""
+    part = materialise(BatchPlan(plan.length, plan.rows[rows]), seqs, _SEQ_KEYS)
+    ref = seqs[plan.items[0]]
+    return {k: v.astype(np.asarray(ref[k]).dtype) if k in ref else v for k, v in part.items()}
 
 
 def iter_scored_batches(
@@ -104,28 +120,22 @@ def iter_scored_batches(
     seqs = {i: _as_seq(e) for i, e in enumerate(prepared.encoded) if not isinstance(e, str)}
     todo = [k for k in range(len(prepared.plans)) if not skip(k)]
 
-    n_proc, pid = jax.process_count(), jax.process_index()
-
     def run(batch):  # traced under the dtype's matmul precision (models/precision.py)
         with matmul_precision(cfg.dtype):
             return executable(fn, params, batch)(params, batch)
 
     def build(k):
-        arrays = materialise(prepared.plans[k], seqs, _SEQ_KEYS)
-        if mesh is not None:
-            from scas_jax.parallel import shard_batch
+        plan = prepared.plans[k]
+        if mesh is None:
+            return materialise(plan, seqs, _SEQ_KEYS)
+        from scas_jax.parallel import global_rows
 
-            if n_proc > 1:  # each host feeds its own contiguous slice of the batch rows
-                per = len(prepared.plans[k].rows) // n_proc
-                arrays = {n: v[pid * per : (pid + 1) * per] for n, v in arrays.items()}
-            return shard_batch(mesh, arrays)
-        return arrays
+        return global_rows(mesh, len(plan.rows), lambda rows: _rows_of(plan, rows, seqs))
 
     def finish(k, out):
-        if n_proc > 1:
-            from jax.experimental import multihost_utils
+        from scas_jax.parallel import to_host
 
-            out = multihost_utils.process_allgather(out, tiled=True)
+        out = to_host(out)  # global row order, whichever process or device held a row
         host = {name: np.asarray(v) for name, v in out.items()}
         plan = prepared.plans[k]
         slots = [(r * cfg.max_segments + s, item)
@@ -179,7 +189,9 @@ _EXECUTABLES: dict = {}
 
 
 def _signature(tree) -> tuple:
-    return tuple((jax.tree_util.keystr(path), x.shape, str(x.dtype), str(getattr(x, "sharding", "")))
+    """Paths, shapes, dtypes and shardings; a sharding compares by its mesh's devices in
+    order (two meshes that print alike but order devices differently compile apart)."""
+    return tuple((jax.tree_util.keystr(path), x.shape, str(x.dtype), getattr(x, "sharding", None))
                  for path, x in jax.tree_util.tree_leaves_with_path(tree))
 
 

@@ -11,11 +11,15 @@ Orbax writes a step into a temporary directory and renames it when complete, and
 ``latest_step`` ignores temporaries, so a run killed mid-save leaves the previous
 checkpoint as the latest. Saves are synchronous: when ``save`` returns, the step is
 committed.
+
+Several processes: every process opens the same directory and calls ``save`` and the
+restores (Orbax writes and reads each process's own shards; process 0 writes the
+metadata and commits). The directory may be a URL such as ``gs://bucket/run/checkpoints``
+(any path ``etils.epath`` knows), passed to Orbax as written.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,11 +31,13 @@ class TrainCheckpoints:
     """The checkpoints of one training run. The directory is created by the first
     ``save``, never by opening: a run that fails before it saves leaves nothing."""
 
-    def __init__(self, directory: str | Path, max_to_keep: int = 3):
+    def __init__(self, directory, max_to_keep: int = 3):
         import orbax.checkpoint as ocp
 
+        from scas_jax.convert.checkpoint import orbax_path
+
         self._ocp = ocp
-        self.directory = Path(directory).absolute()
+        self.directory = orbax_path(directory)  # an etils.epath.Path
         self._max_to_keep = max_to_keep
         self._manager = None
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import shutil
 import signal
 import time
@@ -67,6 +68,11 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
+def _join(base, name: str) -> str:
+    """``base/name`` as text, keeping a URL's ``//`` (``gs://bucket/run/checkpoints``)."""
+    return os.fspath(base).rstrip("/") + "/" + name
+
+
 def resolve_config(config: TrainConfig | str | Path | None, overrides: Sequence[str],
                    base: TrainConfig | None = None) -> TrainConfig:
     if isinstance(config, TrainConfig):
@@ -83,14 +89,19 @@ def _load_student(student, mesh):
 
 
 def save_final(out: Path, student, params) -> Path:
-    """A converted directory of ``params`` (float32) with the student's config and tokenizer."""
+    """A converted directory of ``params`` (float32) with the student's config and tokenizer.
+
+    Every process calls it: the Orbax save of globally sharded parameters is collective;
+    process 0 alone writes the config, meta and tokenizer files."""
     from scas_jax.convert import checkpoint
 
-    with atomic_dir(out, overwrite=True) as tmp:
+    with checkpoint.shared_output_dir(out, overwrite=True) as tmp:
         checkpoint.save_params(tmp / "params", params)
-        checkpoint.write_meta(tmp, student.cfg, dict(student.hf_config), "float32", str(student.source))
-        if student.tokenizer is not None:
-            student.tokenizer.save_pretrained(str(tmp))
+        if is_main_process():
+            checkpoint.write_meta(tmp, student.cfg, dict(student.hf_config), "float32",
+                                  str(student.source))
+            if student.tokenizer is not None:
+                student.tokenizer.save_pretrained(str(tmp))
     return out
 
 
@@ -149,6 +160,18 @@ def check_inputs(cfg: TrainConfig, student, data, candidate_dir) -> _Inputs:
     return _Inputs(sft, eval_sft)
 
 
+def _agree_stop(signal_name: str | None) -> bool:
+    """Whether any process was asked to stop (SIGINT/SIGTERM): every process checkpoints
+    and stops after the same step (a save is collective). One process: its own flag."""
+    if jax.process_count() == 1:
+        return signal_name is not None
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.int32(signal_name is not None))
+    return bool(np.any(flags))
+
+
 class _Clock:
     """Wall seconds of training steps vs scoring, for the selection cost."""
 
@@ -184,12 +207,13 @@ def train(
     Returns a summary: steps run, final step, last loss, eval loss, data stats, paths,
     and ``interrupted`` (the signal name when SIGINT/SIGTERM stopped the run).
     """
+    ckpt_dir = _join(output_dir, "checkpoints")  # may be a URL (gs://...): Orbax's own paths
     output_dir = Path(output_dir)
     overrides = list(overrides)
     if candidate_dir and not data and not any(o.split("=", 1)[0].strip().endswith("selection")
                                               for o in overrides):
         overrides.insert(0, "selection=dynamic")  # --candidate-dir alone implies dynamic selection
-    ckpts = TrainCheckpoints(output_dir / "checkpoints")
+    ckpts = TrainCheckpoints(ckpt_dir)
     try:
         latest = ckpts.latest_step()
         if resume:
@@ -210,7 +234,7 @@ def train(
         ckpts.close()
     inputs = check_inputs(cfg, student, data, candidate_dir)
     created = not output_dir.exists()
-    ckpts = TrainCheckpoints(output_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
+    ckpts = TrainCheckpoints(ckpt_dir, max_to_keep=cfg.max_to_keep)
     try:
         return _run(student, inputs, candidate_dir, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
     except BaseException:
@@ -329,7 +353,8 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
                 window_tokens, window_t0 = 0, now
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or stop.signal:
+            stopping = _agree_stop(stop.signal)
+            if done % cfg.checkpoint_every == 0 or stopping:
                 jax.block_until_ready(state.params)
                 clock.train += clock.lap()
                 ckpts.save(done, state, _meta(cfg, student, done, fingerprint, stream))
@@ -339,7 +364,8 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
                 clock.train += clock.lap()
                 eval_loss = evaluate(done)
                 clock.lap()
-            if stop.signal:
+            if stopping:
+                stop.signal = stop.signal or "SIGTERM (another process)"
                 break
     bar.close()
     final_step = int(jax.device_get(state.step))
@@ -363,11 +389,10 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
         eval_loss = evaluate(final_step)
     summary["eval_loss"] = eval_loss
     writer.close()
-    if main:
-        final = save_final(output_dir / "final", student, state.params)
-        summary["final_dir"] = str(final)
-        if export_hf:
-            from scas_jax.convert.commands import export
+    final = save_final(output_dir / "final", student, state.params)  # every process: collective
+    summary["final_dir"] = str(final)
+    if export_hf:
+        from scas_jax.convert.commands import export
 
-            summary["export_hf"] = str(export(final, export_hf, overwrite=True))
+        summary["export_hf"] = str(export(final, export_hf, overwrite=True))
     return summary

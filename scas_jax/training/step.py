@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import decode
 from scas_jax.models.loss import target_logprobs
-from scas_jax.parallel import BATCH_AXES, param_spec, path_str
+from scas_jax.parallel import BATCH_AXES, param_spec, path_str, put_rows
 from scas_jax.training.config import TrainConfig
 
 BATCH_FIELDS = ("tokens", "targets", "positions", "segment_ids", "weights")
@@ -209,6 +209,7 @@ def to_step_batch(batch: dict, grad_accum: int) -> dict:
 
 
 def put_batch(batch: dict, mesh) -> dict:
-    """Host arrays ``[A, micro, seq]`` -> global arrays with :func:`batch_shardings`."""
-    shardings = batch_shardings(mesh)
-    return {k: jax.make_array_from_process_local_data(shardings[k], batch[k]) for k in BATCH_FIELDS}
+    """Host arrays ``[A, micro, seq]`` of the whole global batch (every process builds the
+    same one from the step index) -> global arrays with :func:`batch_shardings`; each
+    process transfers only the micro-batch rows its devices hold, at their global index."""
+    return put_rows(mesh, {k: batch[k] for k in BATCH_FIELDS}, axis=1)
