@@ -1,0 +1,1 @@
+"""scas_jax.generation: a jitted key/value-cache sampler and ``scas-jax generate``."""
