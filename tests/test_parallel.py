@@ -141,3 +141,39 @@ def test_permuted_mesh_scores_and_trains_identically(tmp_path):
     assert ta == tb and min(ta) > 0
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+
+
+def test_orbax_gets_url_paths_unchanged(monkeypatch, tmp_path):
+    """gs://... checkpoint and parameter paths reach Orbax as epath URLs (no pathlib
+    folding of '//', no absolute()); local paths become absolute. Nothing is saved."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from scas_jax.convert import checkpoint
+    from scas_jax.training.checkpoints import TrainCheckpoints
+    from scas_jax.training.loop import _join
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, directory=None, *a, **kw):
+            seen.append(directory)
+
+        def save(self, path, *a, **kw):
+            seen.append(path)
+
+        def wait_until_finished(self):
+            pass
+
+    monkeypatch.setattr(ocp, "CheckpointManager", Recorder)
+    monkeypatch.setattr(ocp, "StandardCheckpointer", Recorder)
+    url = _join("gs://bucket/run/", "checkpoints")
+    assert url == "gs://bucket/run/checkpoints"
+    TrainCheckpoints(url).manager
+    checkpoint.save_params("gs://bucket/run/final/params", {})
+    local = TrainCheckpoints("rel/checkpoints").directory
+    assert [str(p) for p in seen if p is not None] == ["gs://bucket/run/checkpoints",
+                                                       "gs://bucket/run/final/params"]
+    assert all(isinstance(p, epath.Path) for p in seen if p is not None)
+    assert all(p.as_uri().startswith("gs://") for p in seen if p is not None)
+    assert isinstance(local, epath.Path) and local.is_absolute()
