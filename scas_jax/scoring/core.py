@@ -36,33 +36,51 @@ def l2_normalise(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, 1e-12)
 
 
-def sequence_stats(
+def token_outputs(
     params: dict,
     batch: dict,
     *,
     cfg: ModelConfig,
-    max_segments: int,
     tap: str = DEFAULT_TAP,
     dtype=jnp.float32,
     attn_impl: str = "auto",
     vocab_chunk: int = 256,
-) -> dict[str, jax.Array]:
-    """Sufficient statistics of every packed sequence.
+) -> tuple[jax.Array, jax.Array]:
+    """One forward pass: per-token NLL and the L2-normalised tap rows.
 
     Args:
-      batch: ``BATCH_KEYS`` arrays, each ``[batch, seq]``. Masks are booleans; segment
-        ids run 1..``max_segments`` (0 = padding). The nll masks must exclude each
-        sequence's first position (nothing predicts it).
+      batch: at least ``tokens``, ``positions``, ``segment_ids``, each ``[batch, seq]``.
     Returns:
-      The statistics above; segment ``s`` of row ``b`` is at ``[b, s - 1]``.
+      ``(nll [batch, seq] float32, unit [batch, seq, d_tap] float32)``: ``nll[b, p]`` is
+      the loss of predicting token ``p`` (0 at ``p = 0``; meaningless at the first token
+      of a packed sequence, which every mask excludes) and ``unit[b, p]`` is the tap row
+      ``x / max(||x||, 1e-12)``.
     """
     tokens, seg = batch["tokens"], batch["segment_ids"]
     hidden, taps = decode(params, cfg, tokens, batch["positions"], seg, (tap,),
                           dtype=dtype, attn_impl=attn_impl)
     nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk)  # [B, T] f32
-    act = l2_normalise(taps[tap])  # [B, T, d]
+    return nll, l2_normalise(taps[tap])
+
+
+def segment_onehot(segment_ids: jax.Array, max_segments: int) -> jax.Array:
+    """``[batch, seq] -> [batch, seq, max_segments]`` float32; segment ``s`` is column ``s - 1``."""
+    return (segment_ids[..., None] == jnp.arange(1, max_segments + 1)).astype(jnp.float32)
+
+
+def segment_stats(nll: jax.Array, act: jax.Array, batch: dict, *, max_segments: int) -> dict[str, jax.Array]:
+    """The per-sequence sufficient statistics from per-token values.
+
+    Args:
+      nll: ``[batch, seq]`` token NLLs; act: ``[batch, seq, d]`` unit tap rows (any
+        per-token values of these shapes: a variant may pass its own).
+      batch: ``segment_ids`` and the four masks, ``[batch, seq]``.
+    Returns:
+      :data:`scas_jax.scoring.fields.STAT_NAMES`: ``[batch, max_segments]`` scalars and
+      ``[batch, max_segments, d]`` vector sums.
+    """
     sq = jnp.sum(act * act, axis=-1)  # [B, T]
-    onehot = (seg[..., None] == jnp.arange(1, max_segments + 1)).astype(jnp.float32)  # [B,T,S]
+    onehot = segment_onehot(batch["segment_ids"], max_segments)  # [B,T,S]
 
     def per_seg(mask, values):  # [B,T] x [B,T] -> [B,S]
         return jnp.einsum("bts,bt->bs", onehot, jnp.where(mask, values, 0.0))
@@ -79,6 +97,32 @@ def sequence_stats(
         out[f"{side}_vec_sum"] = jnp.einsum(
             "bts,btd->bsd", onehot * m[..., None], act, precision=jax.lax.Precision.HIGHEST)
     return out
+
+
+def sequence_stats(
+    params: dict,
+    batch: dict,
+    *,
+    cfg: ModelConfig,
+    max_segments: int,
+    tap: str = DEFAULT_TAP,
+    dtype=jnp.float32,
+    attn_impl: str = "auto",
+    vocab_chunk: int = 256,
+) -> dict[str, jax.Array]:
+    """Sufficient statistics of every packed sequence: :func:`token_outputs` then
+    :func:`segment_stats`.
+
+    Args:
+      batch: ``BATCH_KEYS`` arrays, each ``[batch, seq]``. Masks are booleans; segment
+        ids run 1..``max_segments`` (0 = padding). The nll masks must exclude each
+        sequence's first position (nothing predicts it).
+    Returns:
+      The statistics above; segment ``s`` of row ``b`` is at ``[b, s - 1]``.
+    """
+    nll, act = token_outputs(params, batch, cfg=cfg, tap=tap, dtype=dtype,
+                             attn_impl=attn_impl, vocab_chunk=vocab_chunk)
+    return segment_stats(nll, act, batch, max_segments=max_segments)
 
 
 @functools.lru_cache(maxsize=None)

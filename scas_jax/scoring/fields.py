@@ -79,38 +79,23 @@ def check_lambda(lambda_scas: float) -> float:
     return lambda_scas
 
 
-def _mean(total: float, count: float) -> float:
-    return float(total) / float(count) if count > 0 else 0.0
+def _div(num, den, xp=np):
+    """``num / den`` where ``den > 0``, else 0 (no division by zero is evaluated, so the
+    jnp form has finite gradients too)."""
+    ok = den > 0
+    return xp.where(ok, num / xp.where(ok, den, 1), 0.0)
 
 
-def _self_similarity(vec_sum: np.ndarray, sqnorm_sum: float, n: float) -> tuple[float, float]:
-    """(mean over all ordered pairs, mean without the diagonal) of n unit rows."""
-    if n <= 0:
-        return 0.0, 0.0
-    sq = float(np.dot(vec_sum, vec_sum))
-    full = sq / (n * n)
-    no_diag = (sq - float(sqnorm_sum)) / (n * n - n) if n > 1 else 0.0
-    return full, no_diag
+def _rowdot(a, b, xp=np):
+    """``sum(a * b, -1)``; on numpy through matmul, which is bitwise ``np.dot`` per row."""
+    if xp is np:
+        return np.matmul(a[..., None, :], b[..., :, None])[..., 0, 0]
+    return xp.sum(a * b, axis=-1)  # elementwise: full precision on every backend
 
 
-def combine(
-    *,
-    answer_answer_similarity: float,
-    answer_answer_similarity_no_diag: float,
-    answer_question_similarity: float,
-    question_question_similarity: float,
-    question_question_similarity_no_diag: float,
-    question_mean_nll: float,
-    answer_mean_nll: float,
-    lambda_scas: float = 0.5,
-) -> dict[str, float]:
-    """Every metric field (method page step 8) from the similarities and mean NLLs."""
-    lam = check_lambda(lambda_scas)
+def _combine(aa, aa_nd, aq, qq, qq_nd, nq, na, lam) -> dict:
+    """Method page step 8 on scalars or arrays (numpy or jax.numpy, broadcasting)."""
     w = 1.0 - lam
-    na, nq = float(answer_mean_nll), float(question_mean_nll)
-    aa, aa_nd = float(answer_answer_similarity), float(answer_answer_similarity_no_diag)
-    aq = float(answer_question_similarity)
-    qq, qq_nd = float(question_question_similarity), float(question_question_similarity_no_diag)
     aa_block, aa_block_nd = na * na * aa, na * na * aa_nd
     aq_block = na * nq * aq
     return {
@@ -136,6 +121,60 @@ def combine(
         "similarity_score_no_diag": w * aa_nd + lam * aq,
         "answer_mean_nll_score": na,
     }
+
+
+def combine(
+    *,
+    answer_answer_similarity: float,
+    answer_answer_similarity_no_diag: float,
+    answer_question_similarity: float,
+    question_question_similarity: float,
+    question_question_similarity_no_diag: float,
+    question_mean_nll: float,
+    answer_mean_nll: float,
+    lambda_scas: float = 0.5,
+) -> dict[str, float]:
+    """Every metric field (method page step 8) from the similarities and mean NLLs."""
+    out = _combine(
+        float(answer_answer_similarity), float(answer_answer_similarity_no_diag),
+        float(answer_question_similarity), float(question_question_similarity),
+        float(question_question_similarity_no_diag), float(question_mean_nll),
+        float(answer_mean_nll), check_lambda(lambda_scas))
+    return {k: float(v) for k, v in out.items()}
+
+
+def fields_from_arrays(stats: Mapping[str, Any], lambda_scas: Any = 0.5, xp: Any = np) -> dict[str, Any]:
+    """Every SCAS metric field from statistics with any leading shape: the one
+    implementation behind :func:`fields_from_stats`, :func:`fields_from_batch` and
+    :func:`scas_jax.api.fields`.
+
+    Args:
+      stats: :data:`STAT_NAMES` arrays, scalars ``[...]`` and vectors ``[..., d]``, in the
+        dtype to compute in (the host path passes float64).
+      lambda_scas: a number in [0, 1] (checked) or, with ``xp=jax.numpy``, a traced scalar.
+      xp: ``numpy`` or ``jax.numpy``; with ``jax.numpy`` the function is pure and
+        composes under ``jit``/``vmap``/``grad``.
+    Returns:
+      ``{field: [...] array}`` for every name of :data:`METRIC_FIELDS`; zero rules as
+      the reference (no answer position -> every metric 0).
+    """
+    lam = check_lambda(lambda_scas) if isinstance(lambda_scas, (int, float)) else lambda_scas
+    n_a, n_q = stats["a_count"], stats["q_count"]
+    a_vec, q_vec = stats["a_vec_sum"], stats["q_vec_sum"]
+    sa = _rowdot(a_vec, a_vec, xp)
+    sq = _rowdot(q_vec, q_vec, xp)
+    has_a = n_a > 0
+    values = (
+        _div(sa, n_a * n_a, xp),  # AA: all ordered pairs
+        _div(sa - stats["a_sqnorm_sum"], n_a * n_a - n_a, xp),  # > 0 iff n_a > 1
+        _div(_rowdot(a_vec, q_vec, xp), n_a * n_q, xp),  # AQ: 0 without questions
+        _div(sq, n_q * n_q, xp),
+        _div(sq - stats["q_sqnorm_sum"], n_q * n_q - n_q, xp),
+        _div(stats["q_nll_sum"], stats["q_nll_count"], xp),
+        _div(stats["a_nll_sum"], stats["a_nll_count"], xp),
+    )
+    out = _combine(*(xp.where(has_a, v, 0.0) for v in values), lam)
+    return {k: xp.broadcast_to(xp.asarray(out[k], dtype=sa.dtype), sa.shape) for k in METRIC_FIELDS}
 
 
 def zero_fields(lambda_scas: float = 0.5) -> dict[str, float]:
@@ -174,24 +213,10 @@ def fields_from_stats(
     lambda_scas: float = 0.5,
 ) -> dict[str, float]:
     """Every SCAS metric field of one sequence; vectors are ``[d]``, the rest scalars."""
-    n_a, n_q = float(a_count), float(q_count)
-    if n_a <= 0:
-        return zero_fields(lambda_scas)
-    a_vec = np.asarray(a_vec_sum, dtype=np.float64)
-    q_vec = np.asarray(q_vec_sum, dtype=np.float64)
-    aa, aa_nd = _self_similarity(a_vec, float(a_sqnorm_sum), n_a)
-    qq, qq_nd = _self_similarity(q_vec, float(q_sqnorm_sum), n_q)
-    aq = float(np.dot(a_vec, q_vec)) / (n_a * n_q) if n_q > 0 else 0.0
-    return combine(
-        answer_answer_similarity=aa,
-        answer_answer_similarity_no_diag=aa_nd,
-        answer_question_similarity=aq,
-        question_question_similarity=qq,
-        question_question_similarity_no_diag=qq_nd,
-        question_mean_nll=_mean(q_nll_sum, q_nll_count),
-        answer_mean_nll=_mean(a_nll_sum, a_nll_count),
-        lambda_scas=lambda_scas,
-    )
+    stats = dict(q_nll_sum=q_nll_sum, q_nll_count=q_nll_count, a_nll_sum=a_nll_sum,
+                 a_nll_count=a_nll_count, q_count=q_count, a_count=a_count, q_vec_sum=q_vec_sum,
+                 a_vec_sum=a_vec_sum, q_sqnorm_sum=q_sqnorm_sum, a_sqnorm_sum=a_sqnorm_sum)
+    return fields_from_batch({k: np.asarray(v)[None] for k, v in stats.items()}, lambda_scas)[0]
 
 
 def fields_from_batch(
@@ -205,9 +230,8 @@ def fields_from_batch(
     missing = [k for k in STAT_NAMES if k not in stats]
     if missing:
         raise KeyError(f"missing statistics: {missing}")
+    lam = check_lambda(lambda_scas)
     host = {k: np.asarray(stats[k], dtype=np.float64) for k in STAT_NAMES}
-    batch = host["a_count"].shape[0]
-    return [
-        fields_from_stats(**{k: v[b] for k, v in host.items()}, lambda_scas=lambda_scas)
-        for b in range(batch)
-    ]
+    arrays = fields_from_arrays(host, lam)
+    columns = {k: arrays[k].tolist() for k in METRIC_FIELDS}
+    return [{k: columns[k][b] for k in METRIC_FIELDS} for b in range(host["a_count"].shape[0])]
