@@ -22,10 +22,12 @@ COMMAND_MODULES = (
     "scas_jax.judging.commands",  # verify
     "scas_jax.reporting.commands",  # report
     "scas_jax.training.commands",  # train
+    "scas_jax.generation.commands",  # generate
+    "scas_jax.evaluation.commands",  # evaluate
 )
 # Subcommands that touch JAX devices: they take the multi-process start-up flags and
 # start the process group (scas_jax.distributed) before they run.
-JAX_COMMANDS = frozenset({"convert", "export", "pipeline", "score", "train"})
+JAX_COMMANDS = frozenset({"convert", "export", "pipeline", "score", "train", "generate", "evaluate"})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -173,3 +173,110 @@ def test_sharded_over_the_mesh_equals_one_device(qwen3):
                 == plain.generate(PROMPTS, max_new_tokens=8, sampling=sc))
     (_, cache), = [sharded._cache]
     assert len(cache["k"].sharding.device_set) == 8
+
+
+# ------------------------------------------------------------------ scas-jax generate
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory):
+    """A converted tiny llama with a character-level ChatML tokenizer (EOS <|im_end|>)."""
+    import tiny_chat
+
+    return tiny_chat.make_student_dir(tmp_path_factory.mktemp("gen") / "student")
+
+
+def _questions(path, n=4, **extra):
+    import json
+
+    rows = [{"id": f"q{i}", "instruction": f"What is {i} + {i}?", "reference_answer": str(2 * i),
+             "teacher_output": "ignored", **extra} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_generate_output_is_a_pool_that_verify_score_select_take(tiny_student, tmp_path):
+    import json
+
+    from scas_jax.generation.commands import generate
+    from scas_jax.judging.verify import TRUNCATED_REASON, verify
+    from scas_jax.scoring.commands import score
+    from scas_jax.selection.api import select
+
+    q = _questions(tmp_path / "q.jsonl")
+    m = generate(tiny_student, q, tmp_path / "pool", "tiny", max_new_tokens=6, mesh="data=4,fsdp=2",
+                 batch_size=2)
+    rows = [json.loads(line) for line in (tmp_path / "pool" / "tiny.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3"] and m["rows"] == 4
+    assert all(r["teacher_name"] == "tiny" and r["reference_answer"] == str(2 * i) and r["teacher_output"]
+               and r["system"] is None and "sample_index" not in r for i, r in enumerate(rows))
+    assert sum(r["truncated"] for r in rows) == m["truncated"] > 0  # a random model rarely stops
+    assert not (tmp_path / "pool" / ".generate_journal").exists()
+
+    vm = verify(tmp_path / "pool", tmp_path / "verified")
+    verified = [json.loads(line) for line in (tmp_path / "verified" / "tiny.jsonl").read_text().splitlines()]
+    for r in verified:
+        if r["truncated"]:
+            assert r["teacher_correct"] is None and r["judge_reason"] == TRUNCATED_REASON
+    assert vm["teachers"]["tiny"]["rows"] == 4
+    sm = score(tiny_student, tmp_path / "verified", tmp_path / "scored", progress=False)
+    assert sm["teachers"]["tiny"]["rows"] == 4
+    sel = select(tmp_path / "scored", tmp_path / "selected", "min")
+    assert sel["selected_rows"] == 4
+
+
+def test_generate_samples_resume_and_settings(tiny_student, tmp_path):
+    """K = 2 sampled answers per question: ids '<id>#<k>'; a run interrupted after two
+    questions (journal with a torn last line) continues to the same bytes; other
+    settings are an error naming them; a finished run is not redone."""
+    import json
+
+    from scas_jax.errors import ScasError
+    from scas_jax.generation.commands import generate
+
+    q = _questions(tmp_path / "q.jsonl")
+    kw = dict(samples=2, temperature=1.0, top_p=0.9, max_new_tokens=5, seed=7, batch_size=4)
+    m = generate(tiny_student, q, tmp_path / "a", "s", **kw)
+    text = (tmp_path / "a" / "s.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    assert [r["id"] for r in rows[:4]] == ["q0#0", "q0#1", "q1#0", "q1#1"]
+    assert [(r["question_id"], r["sample_index"]) for r in rows[:2]] == [("q0", 0), ("q0", 1)]
+    assert len({r["teacher_output"] for r in rows}) > 4  # samples differ
+
+    journal = tmp_path / "b" / ".generate_journal" / "s.jsonl"
+    journal.parent.mkdir(parents=True)
+    lines = [json.dumps({"journal": 1, "settings": m["settings"]})]
+    lines += [json.dumps({"key": json.dumps(f"q{i}"), "rows": rows[2 * i:2 * i + 2]}) for i in range(2)]
+    journal.write_text("\n".join(lines) + "\n" + '{"key": "torn')
+    m2 = generate(tiny_student, q, tmp_path / "b", "s", **kw)
+    assert m2["resumed_questions"] == 2 and (tmp_path / "b" / "s.jsonl").read_text() == text
+
+    with pytest.raises(ScasError, match=r"temperature 1\.0 -> 0\.5.*--teacher-name"):
+        generate(tiny_student, q, tmp_path / "b", "s", **{**kw, "temperature": 0.5})
+    assert generate(tiny_student, q, tmp_path / "b", "s", **kw)["already_complete"]
+
+
+def test_generate_bad_questions_fail_before_the_model_loads(tmp_path):
+    import json
+
+    from scas_jax.errors import ScasError
+    from scas_jax.generation.commands import generate
+
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps({"id": 1, "instruction": "a"}) + "\n" + json.dumps({"id": 2}) + "\n")
+    with pytest.raises(ScasError, match=rf"{bad}:2: missing or empty field 'instruction'"):
+        generate(tmp_path / "no-model", bad, tmp_path / "out", "t")
+    bad.write_text("\n".join(json.dumps({"id": i % 2, "instruction": "a"}) for i in range(3)) + "\n")
+    with pytest.raises(ScasError, match=rf"{bad}:3: duplicate id 0 \(first at line 1\)"):
+        generate(tmp_path / "no-model", bad, tmp_path / "out", "t")
+    assert not (tmp_path / "out").exists()
+
+
+def test_judge_leaves_truncated_generations_undecided():
+    from scas_jax.judging.verify import TRUNCATED_REASON, judge_row
+
+    row = {"teacher_output": "9 * 2 = 18\n#### 18", "reference_answer": "18"}
+    assert judge_row(row).correct is True
+    assert judge_row({**row, "truncated": False}).correct is True
+    v = judge_row({**row, "truncated": True})
+    assert v.correct is None and v.reason == TRUNCATED_REASON and v.answer == "18"

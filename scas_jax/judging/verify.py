@@ -46,8 +46,15 @@ def row_reference(row: dict[str, Any], reference_field: str | None = None) -> An
     return row.get("answer") if ref is None or ref == "" else ref
 
 
+TRUNCATED_REASON = "undecided: truncated generation (hit --max-new-tokens before a stop token)"
+
+
 def judge_row(row: dict[str, Any], answer_field: str | None = None, reference_field: str | None = None) -> Verdict:
-    """Judge one pool row."""
+    """Judge one pool row. A row flagged ``truncated: true`` (``scas-jax generate`` hit
+    ``--max-new-tokens``) is undecided whatever it says: its final answer may be cut off."""
+    if row.get("truncated") is True:
+        found = judge(answer_to_judge(row, answer_field), row_reference(row, reference_field)).answer
+        return Verdict(None, TRUNCATED_REASON, found)
     answer = answer_to_judge(row, answer_field)
     if not isinstance(answer, str) or not answer.strip():
         return Verdict(None, "undecided: no teacher answer in the row")
