@@ -107,10 +107,11 @@ def _load_train_checkpoint(resolved: ResolvedModel, dtype: str, mesh) -> Any:
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise ScasError(f"{resolved.path / 'meta'}: no model_config in the checkpoint's meta")
     cfg = ModelConfig.from_dict(meta["model_config"])
-    abstract = checkpoint.abstract_with_shardings(cfg, np.float32, mesh)
+    target = {"params": checkpoint.abstract_with_shardings(cfg, np.float32, mesh)}
     state = ocp.PyTreeCheckpointer().restore(
         checkpoint.orbax_path(resolved.path / "state"),
-        args=ocp.args.PyTreeRestore(item={"params": abstract}, partial_restore=True))
+        args=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     params = state["params"]
     if dtype != "float32":
         params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
