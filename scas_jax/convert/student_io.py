@@ -45,13 +45,14 @@ def resolve_path(path: str | Path | None) -> Path:
 
 def placer(mesh):
     """``place(path, host_array)`` for :func:`params_from_tensors`: onto this process's
-    first device, or sharded on ``mesh`` by the rule table.
+    default device (uncommitted: jit may move it), or sharded on ``mesh`` by the rule
+    table.
 
     With a mesh each device receives only its block of the tensor (no collective, no
     copy of the whole tensor on one device); every process reads the same tensor and
     places it, so the result is one global array."""
     if mesh is None:
-        return lambda path, x: jax.device_put(x, jax.local_devices()[0])
+        return lambda path, x: jax.device_put(x)
 
     def place(path, x):
         spec = param_spec("/".join(path), x.shape, mesh)

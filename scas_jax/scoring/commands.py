@@ -243,6 +243,7 @@ def _plan(req: Request) -> Plan:
             elif output.exists():
                 replaced[teacher] = reason
                 _say(f"{teacher}: rescoring {output}: {reason}")
+    kept = _agree_on_kept(kept, list(outputs))
     todo = [f for f in req.pool.files if f.teacher not in kept]
     return Plan(mesh=_resolve_mesh(req.mesh), student_id=student_id, records=records,
                 outputs=outputs, todo=todo, kept=kept, replaced=replaced)
@@ -445,20 +446,36 @@ def _prepared_digest(prepared) -> str:
     return h.hexdigest()
 
 
-def _agree_on_done(journal, n_batches: int) -> set[int]:
-    """The batches to skip: process 0's journal, broadcast so every host skips the same
-    batches (each global batch is one collective computation)."""
+def _process0_mask(mask):
+    """Process 0's int32 mask, on every process (the mask itself with one process)."""
     import jax
     import numpy as np
 
-    if jax.process_count() == 1 or n_batches == 0:
-        return set(journal.done)
+    if jax.process_count() == 1:
+        return np.asarray(mask)
     from jax.experimental import multihost_utils
 
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(mask, np.int32)))
+
+
+def _agree_on_kept(kept: dict[str, dict], teachers: list[str]) -> dict[str, dict]:
+    """The teachers ``--skip-existing`` keeps: process 0's decision on every process (a
+    teacher's batches are collective, so all processes must score the same files).
+    Other processes may lack process 0's manifest entries; they never write it."""
+    agreed = _process0_mask([t in kept for t in teachers]) if teachers else []
+    return {t: kept.get(t, {}) for t, keep in zip(teachers, agreed) if keep}
+
+
+def _agree_on_done(journal, n_batches: int) -> set[int]:
+    """The batches to skip: process 0's journal, broadcast so every host skips the same
+    batches (each global batch is one collective computation)."""
+    import numpy as np
+
+    if n_batches == 0:
+        return set(journal.done)
     mask = np.zeros(n_batches, np.int32)
     mask[sorted(journal.done)] = 1
-    mask = np.asarray(multihost_utils.broadcast_one_to_all(mask))
-    return {int(k) for k in np.flatnonzero(mask)}
+    return {int(k) for k in np.flatnonzero(_process0_mask(mask))}
 
 
 # ---------------------------------------------------------------- 5. write
@@ -565,6 +582,7 @@ def score(
     max_segments: int = 16,
     progress: bool = True,
     on_batch: BatchCallback | None = None,
+    per_token: bool = False,
 ) -> dict:
     """Score every candidate of ``candidate_dir`` into ``output_dir``; return the manifest.
 
@@ -583,6 +601,8 @@ def score(
       on_batch: called on the main process after each batch is journaled, with
         ``(batches finished, batches planned)`` (resumed batches count as finished);
         an exception it raises stops the run, and a rerun resumes from the journal.
+      per_token: also write ``<teacher>_token_costs.jsonl`` for the teachers scored now
+        (:mod:`scas_jax.scoring.token_costs`; one process; a second forward pass).
     Raises:
       ScasError: bad input (pool file:line, lambda, target layer, settings, student path),
         always before the model is loaded.
@@ -593,6 +613,10 @@ def score(
                     max_length=max_length, limit=limit, skip_existing=skip_existing,
                     include_unverified=include_unverified, dtype=dtype,
                     max_segments=max_segments, progress=progress, on_batch=on_batch)
+    if per_token:
+        from scas_jax.scoring.token_costs import check_supported
+
+        check_supported()
     plan = _plan(req)
     manifest = _manifest(req, plan)
     if not plan.todo:
@@ -603,6 +627,11 @@ def score(
     run = _run(req, plan, st, params)
     per_teacher = _teacher_rows(req, plan, run, manifest)
     manifest.update(_totals(req, run, t_start))
+    if per_token:
+        from scas_jax.scoring.token_costs import write_for_run
+
+        manifest["token_costs"] = write_for_run(req.output_dir, run.items, run.prepared, st, params,
+                                                req.cfg, plan.mesh)
     _write(req, plan, manifest, per_teacher)
     run.journal.remove()
     return manifest
@@ -625,7 +654,7 @@ def _cmd(args: argparse.Namespace) -> int:
         args.student, args.candidate_dir, args.output_dir, lambda_scas=args.lambda_scas,
         target_layer=args.target_layer, mesh=args.mesh, batch_tokens=args.batch_tokens,
         max_length=args.max_length, limit=args.limit, skip_existing=args.skip_existing,
-        include_unverified=args.include_unverified, dtype=args.dtype,
+        include_unverified=args.include_unverified, dtype=args.dtype, per_token=args.per_token,
     )  # fmt: skip
     if is_main_process():
         _print_summary(m, Path(args.output_dir))
@@ -686,4 +715,8 @@ def register(sub) -> None:
                    help="print per-device memory (parameters, activations) and the batch plan "
                         "on --mesh, which may be larger than this machine; reads no weights "
                         "and no pool; --student may be a preset of configs/models (qwen3-8b)")
+    p.add_argument("--per-token", action="store_true",
+                   help="also write <teacher>_token_costs.jsonl: every answer token with its NLL "
+                        "and SCAS cost (the costs of a row sum to its scas_score); one more "
+                        "forward pass, one process")
     p.set_defaults(func=_cmd)

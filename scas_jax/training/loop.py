@@ -160,6 +160,18 @@ def check_inputs(cfg: TrainConfig, student, data, candidate_dir) -> _Inputs:
     return _Inputs(sft, eval_sft)
 
 
+def _agree_latest(step: int | None) -> int | None:
+    """The checkpoint to resume from: process 0's latest step, on every process (a
+    restore is collective; all processes must read the same step)."""
+    if jax.process_count() == 1:
+        return step
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    agreed = int(multihost_utils.broadcast_one_to_all(np.int64(-1 if step is None else step)))
+    return None if agreed < 0 else agreed
+
+
 def _agree_stop(signal_name: str | None) -> bool:
     """Whether any process was asked to stop (SIGINT/SIGTERM): every process checkpoints
     and stops after the same step (a save is collective). One process: its own flag."""
@@ -215,7 +227,7 @@ def train(
         overrides.insert(0, "selection=dynamic")  # --candidate-dir alone implies dynamic selection
     ckpts = TrainCheckpoints(ckpt_dir)
     try:
-        latest = ckpts.latest_step()
+        latest = _agree_latest(ckpts.latest_step())
         if resume:
             if latest is None:
                 raise ScasError(f"{output_dir}: --resume given but no checkpoint exists")
