@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 from scas_jax.errors import ScasError
 from scas_jax.io_utils import atomic_dir, cleanup_created, refuse_non_empty, write_json_atomic, write_text_atomic
-from scas_jax.reporting import plots
+from scas_jax.reporting import plots, token_view
 from scas_jax.reporting.accuracy import VERIFY_MANIFEST, VerifiedSet, load_verified
 from scas_jax.reporting.data import (
     DEFAULT_FIELDS,
@@ -92,6 +92,10 @@ def report(
     with cleanup_created(out), atomic_dir(out, overwrite=True) as tmp:
         (tmp / "figures").mkdir()
         summary, text, picks = _build(data, judged, sels, chosen_fields, tmp / "figures")
+        tokens = token_view.render(data.input_dir, item_index(data), tmp, tmp / "figures")
+        if tokens is not None:  # the score directory has `score --per-token` files
+            summary["token_costs"] = tokens
+            text = _with_token_section(text, tokens)
         summary["picks_csv_rows"] = write_csv(tmp / "picks.csv", picks)
         write_text_atomic(tmp / "report.md", text)
         write_json_atomic(tmp / "report.json", summary)
@@ -225,6 +229,16 @@ def _build(data: ScoreSet, judged: VerifiedSet | None, sels: list[Selection], fi
     md.append("---\nWritten by `scas-jax report`. Numbers behind every table: `report.json`; every pick beside "
               "its alternatives: `picks.csv`.\n")
     return summary, "\n".join(md), picks
+
+
+def _with_token_section(text: str, tokens: dict[str, Any]) -> str:
+    """The report with a "Token costs" section before its closing line."""
+    ids = ", ".join(f"`{e['id']}`" for e in tokens["examples"])
+    section = ("## Token costs\n\nThe cheapest and the costliest answer of a few questions, every answer token "
+               "shaded by its share of `scas_score` (from `score --per-token`): "
+               f"[token_costs.html]({tokens['html']}) ({ids}).\n\n![answers shaded by token cost]({tokens['png']})\n\n")
+    head, sep, tail = text.rpartition("---\nWritten by")
+    return head + section + sep + tail if sep else text + "\n" + section
 
 
 def _findings(data: ScoreSet, judged: VerifiedSet | None, stats, fields: list[str], field_values,
