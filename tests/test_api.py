@@ -124,8 +124,20 @@ def test_token_costs_without_question_tokens(tiny):
             assert sums[r * S + s] == pytest.approx(f["scas_score"], rel=1e-6)
 
 
-def test_map_segments_equals_the_scorer_on_a_mesh(tiny):
-    """A variant run through the packed, sharded path: here just scas_score itself."""
+def _example_variant():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "score_variant.py"
+    spec = importlib.util.spec_from_file_location("score_variant", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.variant
+
+
+def test_example_variant_on_a_mesh_equals_the_scorer(tiny):
+    """examples/score_variant.py's variant through the packed, sharded path (8 devices):
+    its scas_score is the scorer's, its new score a weighted mean of cosines."""
     from scas_jax.parallel import batch_divisor, make_mesh, shard_params
 
     params, tok = tiny
@@ -133,14 +145,12 @@ def test_map_segments_equals_the_scorer_on_a_mesh(tiny):
     mesh = make_mesh("data=-1")
     scfg = api.ScoreConfig(batch_tokens=256, max_length=1024)
     prepared = api.prepare(rows, tok, scfg, row_multiple=batch_divisor(mesh))
-
-    def variant(p, batch):
-        nll, unit = api.token_outputs(p, batch, cfg=TINY)
-        return api.fields(api.segment_stats(nll, unit, batch, max_segments=S))["scas_score"]
-
+    variant = functools.partial(_example_variant(), TINY)
     got = api.map_segments(variant, shard_params(params, mesh), prepared, mesh=mesh)
     want = api.score_rows(params, TINY, tok, rows, scfg, mesh=mesh)
-    np.testing.assert_allclose([float(g) for g in got], [w["scas_score"] for w in want], rtol=2e-6)
+    np.testing.assert_allclose([float(g["scas_score"]) for g in got], [w["scas_score"] for w in want], rtol=2e-6)
+    cos = np.array([float(g["nll_weighted_cosine"]) for g in got])
+    assert np.all((cos > 0) & (cos <= 1 + 1e-6)) and len(set(cos.round(6))) == len(rows)
 
 
 def test_composes_under_vmap_and_grad(tiny):
