@@ -30,7 +30,10 @@ from scas_jax.generation.sampling import SamplingConfig, row_keys, sample_next
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.kv_cache import init_cache, next_token_logits
 
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Padded prompt lengths: steps of 32 up to 256, then about 1.25x apart. The prefill is
+# compute-bound, so padding costs in proportion; each bucket used compiles once.
+DEFAULT_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512, 640, 768, 1024, 1280,
+                   1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
 # End-of-turn tokens of common chat templates; each is a stop token when the
 # tokenizer has it (besides the tokenizer's own EOS).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
