@@ -23,7 +23,6 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from scas_jax.errors import ScasError
@@ -37,6 +36,8 @@ def token_costs_file_name(teacher: str) -> str:
 
 def check_supported() -> None:
     """ScasError when ``--per-token`` cannot run here (several processes)."""
+    import jax
+
     if jax.process_count() > 1:
         raise ScasError("--per-token runs on one process; score on one host to get token costs")
 
@@ -44,6 +45,8 @@ def check_supported() -> None:
 @functools.lru_cache(maxsize=None)
 def _compiled(model_cfg, max_segments: int, tap: str, lambda_scas: float, dtype: str,
               attn_impl: str, vocab_chunk: int):
+    import jax
+
     from scas_jax import api
 
     def fn(params, batch):
