@@ -86,7 +86,7 @@ def main() -> None:
         "first_call_s": round(first, 2), "timed_s": [round(x, 2) for x in times],
         "tokens_per_s": round(n_tokens / min(times), 1), "compilations": sampler.compilations,
         "kv_cache_shape": list(shape),
-        "kv_cache_mib": round(cache_bytes(st.cfg, shape[1], shape[2]) / 2**20, 1),
+        "kv_cache_mib": round(cache_bytes(st.cfg, shape[1], shape[3]) / 2**20, 1),
     }
     print("scas_jax", result["scas_jax"], flush=True)
 

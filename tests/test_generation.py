@@ -130,7 +130,7 @@ def test_compilations_bounded_by_buckets(qwen3):
     assert sampler.compilations == 3
     assert sampler.generate(prompts, max_new_tokens=4) == gens
     assert sampler.compilations == 3
-    assert sorted({s[2] for s in sampler.cache_shapes}) == [8 + 4, 16 + 4, 32 + 4]
+    assert sorted({s[3] for s in sampler.cache_shapes}) == [8 + 4, 16 + 4, 32 + 4]
 
 
 def test_sampling_keys_seeds_and_top_k(qwen3):

@@ -4,7 +4,7 @@ One call of the compiled loop (:func:`generate_tokens`) takes a left-padded batc
 prompts, runs one prefill pass over the whole prompt (writing the cache), then decodes
 one token per row per step under ``lax.while_loop`` until every row has produced a stop
 token or ``max_new_tokens`` tokens. The cache (:mod:`scas_jax.models.kv_cache`,
-``[layers, batch, max_len, kv_heads, head_dim]``) is an argument of the compiled loop,
+``[layers, batch, kv_heads, max_len, head_dim]``) is an argument of the compiled loop,
 donated, and handed back, so consecutive batches of one shape reuse one buffer.
 
 Shapes are static and few: prompts are sorted by length and cut into batches of
@@ -28,7 +28,7 @@ import numpy as np
 from scas_jax.errors import ScasError
 from scas_jax.generation.sampling import SamplingConfig, row_keys, sample_next
 from scas_jax.models.config import ModelConfig
-from scas_jax.models.kv_cache import init_cache, next_token_logits
+from scas_jax.models.kv_cache import cache_shape, init_cache, next_token_logits
 
 # Padded prompt lengths: steps of 32 up to 256, then about 1.25x apart. The prefill is
 # compute-bound, so padding costs in proportion; each bucket used compiles once.
@@ -95,7 +95,7 @@ def generate_tokens(
         on padding; every row has at least one valid token, the last).
       keys: uint32 ``[batch, 2]`` row keys (:func:`scas_jax.generation.sampling.row_keys`).
       stop_ids: int32 ``[n_stop]`` (n_stop >= 1; a stop id of -1 never matches).
-      cache: ``{"k", "v"}`` ``[layers, batch, max_len, kv_heads, head_dim]``, max_len >=
+      cache: ``{"k", "v"}`` ``[layers, batch, kv_heads, max_len, head_dim]``, max_len >=
         P + max_new_tokens; its old contents are never read.
     Returns:
       (out int32 ``[batch, max_new_tokens]`` (``pad_id`` after a row stopped), n int32
@@ -103,14 +103,14 @@ def generate_tokens(
       the cache).
     """
     b, p = tokens.shape
-    max_len = cache["k"].shape[2]
+    max_len = cache["k"].shape[3]
     kv_valid = jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     prompt_len = valid.astype(jnp.int32).sum(axis=1)
     is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=1)  # noqa: E731
 
     logits, cache = next_token_logits(params, cfg, tokens, positions, cache, jnp.int32(0), kv_valid,
-                                      dtype=dtype)
+                                      valid, prefill=True, dtype=dtype)
     tok = sample_next(logits, keys, jnp.int32(0), sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = is_stop(tok)
@@ -177,8 +177,7 @@ class Sampler:
 
             kw["out_shardings"] = NamedSharding(self.mesh, P(None, BATCH_AXES))
         make = jax.jit(lambda: init_cache(self.cfg, batch, max_len, self.dtype), **kw)
-        self.cache_shapes.append((self.cfg.num_layers, batch, max_len, self.cfg.num_kv_heads,
-                                  self.cfg.head_dim))
+        self.cache_shapes.append(cache_shape(self.cfg, batch, max_len))
         return make()
 
     def _executable(self, args: tuple, max_new_tokens: int, sampling: SamplingConfig):

@@ -1,17 +1,21 @@
 """The decoder with a key/value cache: prefill and one-token decode steps for generation.
 
 The cache is one pair of arrays holding every layer (the layer scan's stacked axis
-first), so the decode step runs the same ``lax.scan`` over layers as
+first), so a step runs the same ``lax.scan`` over layers as
 :func:`scas_jax.models.decoder.decode`::
 
-    cache["k"], cache["v"]: [num_layers, batch, max_len, num_kv_heads, head_dim]
+    cache["k"], cache["v"]: [num_layers, batch, num_kv_heads, max_len, head_dim]
 
-A call writes the keys/values of its ``T`` new tokens at slots ``index .. index+T-1``
-of every row (in place: the cache is the scan's carry and each layer updates its own
-slice) and attends over all ``max_len`` slots. Which slots a query at slot ``q`` sees is
-decided by ``kv_valid [batch, max_len]`` (False on left padding) and the slot order:
+A call with ``T`` new tokens per row (the prompt in the prefill, one token per decode
+step) attends over the cached slots before ``index`` and over the new tokens
+themselves, with one softmax over both; the layer scan only *reads* the cache, and the
+new keys/values of every layer are written afterwards at slots ``index .. index+T-1``
+with one in-place update. (Writing inside the scan, into the scan's carry, measured
+slower on CPU: each layer then copied its cache slice before attending.) Which slots a
+query at slot ``q`` sees is decided by ``kv_valid [batch, max_len]`` (False on left
+padding), ``new_valid [batch, T]`` and the slot order:
 
-    key slot s is visible  iff  kv_valid[b, s]  and  s <= q  and  (q - s < sliding_window)
+    key slot s is visible  iff  valid[b, s]  and  s <= q  and  (q - s < sliding_window)
 
 Rows are left-padded, so every row's real tokens occupy consecutive slots and slot
 differences equal position differences: the sliding window (Mistral) needs no
@@ -35,8 +39,8 @@ from scas_jax.models.layers import MLP, RMSNorm, _dense, apply_rope, rope_tables
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
-    """``(num_layers, batch, max_len, num_kv_heads, head_dim)``."""
-    return (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    """``(num_layers, batch, num_kv_heads, max_len, head_dim)``."""
+    return (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
@@ -53,27 +57,45 @@ def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -
     return 2 * n * jnp.dtype(dtype).itemsize
 
 
-def cached_attention_weights(q, k_all, v_all, kv_valid, index, sliding_window):
-    """Attention of ``T`` new queries over every cache slot.
+def cached_attention(q, k_new, v_new, k_cache, v_cache, kv_valid, new_valid, index, sliding_window,
+                     use_cache: bool = True):
+    """Attention of ``T`` new queries over the cached slots and the new tokens themselves.
 
-    q ``[batch, T, heads, head_dim]`` (queries at slots ``index + arange(T)``),
-    k_all/v_all ``[batch, max_len, kv_heads, head_dim]``, kv_valid ``bool[batch, max_len]``.
-    Returns ``[batch, T, heads, head_dim]``.
+    q ``[batch, T, heads, head_dim]``; k_new/v_new ``[batch, kv_heads, T, head_dim]``
+    (the new tokens, at slots ``index .. index+T-1``); k_cache/v_cache ``[batch,
+    kv_heads, max_len, head_dim]`` (one layer, before this call's writes: slots
+    ``>= index`` hold stale values and are masked); kv_valid ``bool[batch, max_len]``;
+    new_valid ``bool[batch, T]``. ``use_cache=False`` (the prefill, ``index == 0``)
+    skips the cached part. One softmax over both parts. Returns ``[batch, T, heads, head_dim]``.
     """
     b, t, h, d = q.shape
-    s, kvh = k_all.shape[1], k_all.shape[2]
-    qg = q.reshape(b, t, kvh, h // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_all, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    q_slot = index + jnp.arange(t)
-    k_slot = jnp.arange(s)
-    ok = kv_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
+    kvh = k_new.shape[1]
+    qg = jnp.moveaxis(q.reshape(b, t, kvh, h // kvh, d), 1, 3) * jnp.asarray(d**-0.5, q.dtype)  # b k g t d
+    new_pos = jnp.arange(t)
+    ok_new = new_valid[:, None, :] & (new_pos[None, None, :] <= new_pos[None, :, None])  # b t j
     if sliding_window is not None:
-        ok &= (q_slot[None, :, None] - k_slot[None, None, :]) < sliding_window
-    scores = jnp.where(ok[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_all.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
+        ok_new &= (new_pos[None, :, None] - new_pos[None, None, :]) < sliding_window
+    s_new = jnp.einsum("bkgtd,bkjd->bkgtj", qg, k_new, preferred_element_type=jnp.float32)
+    s_new = jnp.where(ok_new[:, None, None], s_new, _NEG)
+    if use_cache:
+        slots = jnp.arange(k_cache.shape[2])
+        q_slot = index + new_pos
+        ok_old = kv_valid[:, None, :] & (slots[None, None, :] < index)  # b t s
+        if sliding_window is not None:
+            ok_old &= (q_slot[None, :, None] - slots[None, None, :]) < sliding_window
+        s_old = jnp.einsum("bkgtd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+        s_old = jnp.where(ok_old[:, None, None], s_old, _NEG)
+        m = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+        p_old, p_new = jnp.exp(s_old - m), jnp.exp(s_new - m)
+        denom = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+        out = (jnp.einsum("bkgts,bksd->bkgtd", p_old.astype(v_cache.dtype), v_cache,
+                          preferred_element_type=jnp.float32)
+               + jnp.einsum("bkgtj,bkjd->bkgtd", p_new.astype(v_new.dtype), v_new,
+                            preferred_element_type=jnp.float32)) / denom
+    else:
+        probs = jax.nn.softmax(s_new, axis=-1).astype(v_new.dtype)
+        out = jnp.einsum("bkgtj,bkjd->bkgtd", probs, v_new, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q.dtype)
 
 
 class CachedAttention(nn.Module):
@@ -82,13 +104,13 @@ class CachedAttention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    use_cache: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, layer, index, kv_valid):
-        """``x [batch, T, d_model]``; caches ``[layers, batch, max_len, kv_heads, head_dim]``.
-
-        Returns (``[batch, T, d_model]``, k_cache, v_cache) with this layer's slots
-        ``index .. index+T-1`` written."""
+    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid):
+        """``x [batch, T, d_model]``; this layer's caches ``[batch, kv_heads, max_len, head_dim]``
+        (read only). Returns (``[batch, T, d_model]``, the new keys and values
+        ``[batch, kv_heads, T, head_dim]`` for the caller to write at ``index``)."""
         c, b, t = self.cfg, x.shape[0], x.shape[1]
         dense = lambda n, f, bias: _dense(f, bias, self.dtype, self.param_dtype, n)  # noqa: E731
         q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
@@ -101,14 +123,11 @@ class CachedAttention(nn.Module):
             q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        at = (layer, 0, index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        k_all = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(self.dtype)
-        v_all = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(self.dtype)
-        out = cached_attention_weights(q, k_all, v_all, kv_valid, index, c.sliding_window)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, T, head_dim]
+        out = cached_attention(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), kv_valid,
+                               new_valid, index, c.sliding_window, self.use_cache)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
-        return dense("o_proj", c.hidden_size, c.o_bias)(out), k_cache, v_cache
+        return dense("o_proj", c.hidden_size, c.o_bias)(out), k, v
 
 
 class CachedDecoderLayer(nn.Module):
@@ -117,17 +136,17 @@ class CachedDecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    use_cache: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, layer, index, kv_valid):
+    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid):
         c = self.cfg
         norm = lambda n: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=n)  # noqa: E731
-        attn = CachedAttention(c, self.dtype, self.param_dtype, name="self_attn")
-        a, k_cache, v_cache = attn(norm("input_layernorm")(x), cos, sin, k_cache, v_cache, layer,
-                                   index, kv_valid)
+        attn = CachedAttention(c, self.dtype, self.param_dtype, self.use_cache, name="self_attn")
+        a, k, v = attn(norm("input_layernorm")(x), cos, sin, k_cache, v_cache, index, kv_valid, new_valid)
         h = x + a
         mlp_out, _ = MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
-        return h + mlp_out, k_cache, v_cache
+        return h + mlp_out, k, v
 
 
 def decode_with_cache(
@@ -138,42 +157,54 @@ def decode_with_cache(
     cache: dict,
     index: jax.Array,
     kv_valid: jax.Array,
+    new_valid: jax.Array | None = None,
     *,
+    prefill: bool = False,
     dtype=jnp.float32,
 ) -> tuple[jax.Array, dict]:
     """Run ``T`` new tokens per row through the stack, reading and writing the cache.
 
     Args:
       tokens, positions: ``[batch, T]`` int32 (RoPE positions of the new tokens).
-      cache: ``{"k", "v"}`` ``[layers, batch, max_len, kv_heads, head_dim]``.
+      cache: ``{"k", "v"}`` ``[layers, batch, kv_heads, max_len, head_dim]``.
       index: int32 scalar, the cache slot of the first new token (same for every row:
         rows are left-padded to a common length).
       kv_valid: ``bool[batch, max_len]``, False on the slots of left padding.
+      new_valid: ``bool[batch, T]`` (default: all True), False on padding among the new
+        tokens (the prefill's left padding).
+      prefill: static; True when nothing is cached yet (``index == 0``): the cached
+        slots are not read at all.
     Returns:
-      (final normed hidden states ``[batch, T, d_model]``, the updated cache).
+      (final normed hidden states ``[batch, T, d_model]``, the cache with the new
+      tokens' keys and values written at slots ``index .. index+T-1`` of every layer).
     """
-    layer = CachedDecoderLayer(cfg, dtype, params["norm"]["scale"].dtype)
+    layer = CachedDecoderLayer(cfg, dtype, params["norm"]["scale"].dtype, not prefill)
     cos, sin = rope_tables(cfg, positions)
     x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
+    if new_valid is None:
+        new_valid = jnp.ones(tokens.shape, bool)
 
-    def body(carry, xs):
-        h, k_cache, v_cache = carry
-        p, i = xs
-        h, k_cache, v_cache = layer.apply({"params": p}, h, cos, sin, k_cache, v_cache, i, index,
-                                          kv_valid)
-        return (h, k_cache, v_cache), None
+    # The layer scan only reads the cache; the new keys/values of all layers come out
+    # stacked and are written with one update after it, in place in the donated cache.
+    def body(h, xs):
+        p, k_cache, v_cache = xs
+        h, k, v = layer.apply({"params": p}, h, cos, sin, k_cache, v_cache, index, kv_valid, new_valid)
+        return h, (k, v)
 
-    (x, k_cache, v_cache), _ = jax.lax.scan(
-        body, (x, cache["k"], cache["v"]), (params["layers"], jnp.arange(cfg.num_layers)))
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    at = (0, 0, 0, index, 0)
+    cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), at),
+             "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), at)}
     x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
-    return x, {"k": k_cache, "v": v_cache}
+    return x, cache
 
 
 def next_token_logits(
-    params: dict, cfg: ModelConfig, tokens, positions, cache, index, kv_valid, *, dtype=jnp.float32
+    params: dict, cfg: ModelConfig, tokens, positions, cache, index, kv_valid, new_valid=None, *,
+    prefill: bool = False, dtype=jnp.float32,
 ) -> tuple[jax.Array, dict]:
     """float32 logits ``[batch, vocab]`` of the token after the *last* new token of each
     row, and the updated cache (see :func:`decode_with_cache`)."""
-    hidden, cache = decode_with_cache(params, cfg, tokens, positions, cache, index, kv_valid,
-                                      dtype=dtype)
+    hidden, cache = decode_with_cache(params, cfg, tokens, positions, cache, index, kv_valid, new_valid,
+                                      prefill=prefill, dtype=dtype)
     return logits_from_hidden(params, cfg, hidden[:, -1:])[:, 0], cache
