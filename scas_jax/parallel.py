@@ -38,7 +38,8 @@ RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"^layers/mlp/(gate_proj|up_proj)/bias$", ("layers", "mlp")),
     (r"^layers/mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"^layers/mlp/down_proj/bias$", ("layers", None)),
-    (r"^layers/(input_layernorm|post_attention_layernorm)/scale$", ("layers", None)),
+    (r"^layers/(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm"
+     r"|post_feedforward_layernorm)/scale$", ("layers", None)),
 )
 TP_ROLES = ("heads", "mlp", "vocab")
 

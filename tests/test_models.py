@@ -81,7 +81,7 @@ def test_packed_batch_matches_transformers(loaded, name):
         o += len(s)
 
 
-@pytest.mark.parametrize("name", ["llama_rope_scaling_untied", "qwen3_qknorm_tied"])
+@pytest.mark.parametrize("name", ["llama_rope_scaling_untied", "qwen3_qknorm_tied", "gemma3_local_global"])
 @pytest.mark.parametrize("layer", [0, -1])
 def test_taps_match_torch_hooks(loaded, name, layer):
     import torch
@@ -104,7 +104,9 @@ def test_taps_match_torch_hooks(loaded, name, layer):
     seg = np.ones_like(ids, dtype=np.int32)
     _, out = _fwd(st.params, st.cfg, ids, np.arange(11)[None], seg, taps)
     np.testing.assert_allclose(np.asarray(out[taps[0]]), got["up"].numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out[taps[1]]), got["res"].numpy(), atol=1e-5, rtol=0)
+    # residuals grow large in Gemma (embeddings times sqrt(d_model)): tolerance relative to their scale
+    ref = got["res"].numpy()
+    np.testing.assert_allclose(np.asarray(out[taps[1]]), ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0)
 
 
 def test_blockwise_attention_equals_dense(loaded):

@@ -18,6 +18,7 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 _HF_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 

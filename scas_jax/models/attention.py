@@ -135,10 +135,10 @@ def _flash_forward(q, k, v, segment_ids, sliding_window, block):
     return out.reshape(b, n * block, h, d)[:, :t].astype(q.dtype), res
 
 
-def _flash_backward(sliding_window, block, res, dout):
+def _flash_backward(block, res, dout):
     """Flash-attention backward: probabilities recomputed tile by tile from the saved
     log-sum-exp; only tiles the forward visited are visited."""
-    qg, kp, vp, seg, out, lse, first = res
+    (qg, kp, vp, seg, out, lse, first), sliding_window = res
     t = dout.shape[1]
     b, tp, kvh, g, d = out.shape
     n = tp // block
@@ -173,10 +173,12 @@ def _flash_backward(sliding_window, block, res, dout):
     dq, dk, dv = jax.lax.fori_loop(
         0, n, one_query_block, (jnp.zeros(qg.shape, jnp.float32), zeros_kv, zeros_kv))
     dq = (dq * d**-0.5).reshape(b, tp, kvh * g, d)[:, :t].astype(qg.dtype)
-    return dq, dk[:, :t].astype(kp.dtype), dv[:, :t].astype(vp.dtype), None
+    return dq, dk[:, :t].astype(kp.dtype), dv[:, :t].astype(vp.dtype), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+# The window is an ordinary (non-differentiated) argument, not a static one, so a layer
+# scan can pass each layer's own window (Gemma 3's local and global layers).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
     """Same result as :func:`xla_attention` in ``O(seq * block)`` score memory, and
     differentiable (flash-attention backward: no ``[seq, seq]`` residual is stored)."""
@@ -184,7 +186,8 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=BLOCK):
 
 
 def _vjp_fwd(q, k, v, segment_ids, sliding_window, block):
-    return _flash_forward(q, k, v, segment_ids, sliding_window, block)
+    out, res = _flash_forward(q, k, v, segment_ids, sliding_window, block)
+    return out, (res, sliding_window)
 
 
 blockwise_attention.defvjp(_vjp_fwd, _flash_backward)

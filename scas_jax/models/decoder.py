@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig
-from scas_jax.models.layers import DecoderLayer, RMSNorm, rope_tables
+from scas_jax.models.layers import DecoderLayer, embed, layer_xs, norm_for, rope_for_layers, rope_tables
 
 _TAP_RE = re.compile(r"^layers\.(-?\d+)\.(mlp\.up_proj|residual)$")
 TAP_KINDS = {"mlp.up_proj": "up_proj", "residual": "residual"}
@@ -59,7 +59,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, param_dtype=jnp.float32) -> di
             .astype(param_dtype)
         },
         "layers": layers,
-        "norm": {"scale": jnp.ones((cfg.hidden_size,), param_dtype)},
+        "norm": {"scale": (jnp.zeros if cfg.norm_offset else jnp.ones)((cfg.hidden_size,), param_dtype)},
     }
     if not cfg.tie_word_embeddings:
         w = 0.02 * jax.random.normal(k_head, (cfg.hidden_size, cfg.vocab_size))
@@ -93,16 +93,18 @@ def decode(
       (final normed hidden states ``[batch, seq, d_model]``, {tap name: activation}).
     """
     layer = DecoderLayer(cfg, dtype, params["norm"]["scale"].dtype, attn_impl)
-    cos, sin = rope_tables(cfg, positions)
+    rope = rope_for_layers(cfg, positions)
+    windows, local = layer_xs(cfg, positions)
 
-    def run_one(p, x):
-        return layer.apply({"params": p}, x, cos, sin, segment_ids)
+    def run_one(p, x, window, is_local):
+        cos, sin = rope(is_local)
+        return layer.apply({"params": p}, x, cos, sin, segment_ids, window)
 
     if remat:
         run_one = jax.checkpoint(run_one)
 
     wanted = [(name, *parse_tap(name, cfg.num_layers)) for name in taps]
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
+    x = embed(params, cfg, tokens, dtype)
     b, t = tokens.shape
     width = {"up_proj": cfg.intermediate_size, "residual": cfg.hidden_size}
     bufs = {name: jnp.zeros((b, t, width[kind]), dtype) for name, _, kind in wanted}
@@ -111,16 +113,17 @@ def decode(
     # (one compiled layer body, and no buffers of a second, unrolled layer).
     def body(carry, xs):
         h, bufs = carry
-        p, i = xs
-        h, up = run_one(p, h)
+        p, i, window, is_local = xs
+        h, up = run_one(p, h, window, is_local)
         new = {}
         for name, idx, kind in wanted:
             val = up if kind == "up_proj" else h
             new[name] = jax.lax.cond(i == idx, lambda v=val: v, lambda n=name: bufs[n])
         return (h, new), None
 
-    (x, out), _ = jax.lax.scan(body, (x, bufs), (params["layers"], jnp.arange(cfg.num_layers)))
-    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+    xs = (params["layers"], jnp.arange(cfg.num_layers), windows, local)
+    (x, out), _ = jax.lax.scan(body, (x, bufs), xs)
+    x = norm_for(cfg, dtype, params["norm"]["scale"].dtype).apply({"params": params["norm"]}, x)
     return x, out
 
 
@@ -133,10 +136,16 @@ def lm_head(params: dict, cfg: ModelConfig, dtype) -> tuple[jax.Array, str]:
     return params["lm_head"]["kernel"].astype(dtype), "...d,dv->...v"
 
 
+def softcap(cfg: ModelConfig, logits: jax.Array) -> jax.Array:
+    """``cap * tanh(logits / cap)`` when the config sets ``final_logit_softcapping``."""
+    cap = cfg.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
+
+
 def logits_from_hidden(params: dict, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """``[batch, seq, d_model]`` -> float32 logits ``[batch, seq, vocab]``."""
     w, spec = lm_head(params, cfg, hidden.dtype)
-    return jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32)
+    return softcap(cfg, jnp.einsum(spec, hidden, w, preferred_element_type=jnp.float32))
 
 
 def forward(

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 from scas_jax.models.attention import _NEG
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import logits_from_hidden
-from scas_jax.models.layers import MLP, RMSNorm, _dense, apply_rope, rope_tables
+from scas_jax.models.layers import (MLP, _dense, apply_rope, embed, layer_xs, norm_for, query_prescale,
+                                    rope_for_layers)
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
@@ -107,7 +108,7 @@ class CachedAttention(nn.Module):
     use_cache: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid):
+    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None):
         """``x [batch, T, d_model]``; this layer's caches ``[batch, kv_heads, max_len, head_dim]``
         (read only). Returns (``[batch, T, d_model]``, the new keys and values
         ``[batch, kv_heads, T, head_dim]`` for the caller to write at ``index``)."""
@@ -120,12 +121,15 @@ class CachedAttention(nn.Module):
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+            q = norm_for(c, self.dtype, self.param_dtype, "q_norm")(q)
+            k = norm_for(c, self.dtype, self.param_dtype, "k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if (f := query_prescale(c)) is not None:
+            q = q * jnp.asarray(f, q.dtype)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, T, head_dim]
         out = cached_attention(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), kv_valid,
-                               new_valid, index, c.sliding_window, self.use_cache)
+                               new_valid, index, c.sliding_window if window is None else window,
+                               self.use_cache)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return dense("o_proj", c.hidden_size, c.o_bias)(out), k, v
 
@@ -139,13 +143,19 @@ class CachedDecoderLayer(nn.Module):
     use_cache: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid):
+    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None):
         c = self.cfg
-        norm = lambda n: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=n)  # noqa: E731
+        norm = lambda n: norm_for(c, self.dtype, self.param_dtype, n)  # noqa: E731
         attn = CachedAttention(c, self.dtype, self.param_dtype, self.use_cache, name="self_attn")
-        a, k, v = attn(norm("input_layernorm")(x), cos, sin, k_cache, v_cache, index, kv_valid, new_valid)
+        a, k, v = attn(norm("input_layernorm")(x), cos, sin, k_cache, v_cache, index, kv_valid, new_valid,
+                       window)
+        mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
+        if c.sandwich_norms:  # Gemma 3
+            h = x + norm("post_attention_layernorm")(a)
+            mlp_out, _ = mlp(norm("pre_feedforward_layernorm")(h))
+            return h + norm("post_feedforward_layernorm")(mlp_out), k, v
         h = x + a
-        mlp_out, _ = MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
+        mlp_out, _ = mlp(norm("post_attention_layernorm")(h))
         return h + mlp_out, k, v
 
 
@@ -179,23 +189,27 @@ def decode_with_cache(
       tokens' keys and values written at slots ``index .. index+T-1`` of every layer).
     """
     layer = CachedDecoderLayer(cfg, dtype, params["norm"]["scale"].dtype, not prefill)
-    cos, sin = rope_tables(cfg, positions)
-    x = jnp.take(params["embed_tokens"]["embedding"], tokens, axis=0).astype(dtype)
+    rope = rope_for_layers(cfg, positions)
+    windows, local = layer_xs(cfg, positions)
+    x = embed(params, cfg, tokens, dtype)
     if new_valid is None:
         new_valid = jnp.ones(tokens.shape, bool)
 
     # The layer scan only reads the cache; the new keys/values of all layers come out
     # stacked and are written with one update after it, in place in the donated cache.
     def body(h, xs):
-        p, k_cache, v_cache = xs
-        h, k, v = layer.apply({"params": p}, h, cos, sin, k_cache, v_cache, index, kv_valid, new_valid)
+        p, k_cache, v_cache, window, is_local = xs
+        cos, sin = rope(is_local)
+        h, k, v = layer.apply({"params": p}, h, cos, sin, k_cache, v_cache, index, kv_valid, new_valid,
+                              window)
         return h, (k, v)
 
-    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    xs = (params["layers"], cache["k"], cache["v"], windows, local)
+    x, (k_new, v_new) = jax.lax.scan(body, x, xs)
     at = (0, 0, 0, index, 0)
     cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k_new.astype(cache["k"].dtype), at),
              "v": jax.lax.dynamic_update_slice(cache["v"], v_new.astype(cache["v"].dtype), at)}
-    x = RMSNorm(cfg.rms_norm_eps, dtype).apply({"params": params["norm"]}, x)
+    x = norm_for(cfg, dtype, params["norm"]["scale"].dtype).apply({"params": params["norm"]}, x)
     return x, cache
 
 

@@ -20,26 +20,40 @@ from scas_jax.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * scale``, computed in float32 and cast back as Hugging Face does."""
+    """``x / rms(x) * scale``, computed in float32 and cast back as Hugging Face does.
+
+    ``offset`` (Gemma: 1.0) multiplies by ``offset + scale`` instead, in float32 before
+    the cast (Gemma's order); the stored ``scale`` is the checkpoint's weight as is.
+    """
 
     eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (x32 * (self.offset + scale.astype(jnp.float32))).astype(self.dtype)
         return scale.astype(self.dtype) * x32.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies ``[head_dim // 2]`` with linear or llama3 scaling applied."""
+def norm_for(cfg: ModelConfig, dtype, param_dtype, name: str | None = None) -> RMSNorm:
+    return RMSNorm(cfg.rms_norm_eps, dtype, param_dtype, cfg.norm_offset, name=name)
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` with linear or llama3 scaling applied.
+    ``local``: those of the sliding layers (Gemma 3's ``rope_local_theta``, unscaled)."""
     dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    theta = cfg.rope_local_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     inv = inv.astype(np.float32)
-    scaling = cfg.rope_scaling_dict
+    scaling = {} if local else cfg.rope_scaling_dict
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / scaling["factor"]
@@ -57,12 +71,59 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
-def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(cfg: ModelConfig, positions: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
     """cos, sin ``[batch, seq, head_dim]`` (float32) for integer positions ``[batch, seq]``."""
-    inv = jnp.asarray(rope_inv_freq(cfg))
+    inv = jnp.asarray(rope_inv_freq(cfg, local))
     freqs = positions.astype(jnp.float32)[..., None] * inv
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
+
+
+# A window no row reaches: "no sliding window" for a scanned per-layer window.
+NO_WINDOW = 2**30
+
+
+def layer_xs(cfg: ModelConfig, positions: jax.Array) -> tuple:
+    """What varies per layer, stacked on a leading ``[num_layers]`` axis for the layer scan.
+
+    Models whose layers are alike get ``(None, None)`` (the window is static and one
+    RoPE table is shared). Gemma 3 gets (``window [L]`` int32, ``local [L]`` bool): the
+    scanned layer picks its RoPE table and sliding window from these, so local and
+    global layers share one compiled body.
+    """
+    if not cfg.per_layer:
+        return None, None
+    local = np.array([t == "sliding" for t in cfg.layer_types])
+    window = np.where(local, cfg.sliding_window or NO_WINDOW, NO_WINDOW).astype(np.int32)
+    return jnp.asarray(window), jnp.asarray(local)
+
+
+def rope_for_layers(cfg: ModelConfig, positions: jax.Array):
+    """``(cos, sin)`` shared by every layer, or for per-layer models a function of the
+    scanned ``local`` flag choosing between the global and the local tables."""
+    cos, sin = rope_tables(cfg, positions)
+    if not cfg.per_layer:
+        return lambda local: (cos, sin)
+    cos_l, sin_l = rope_tables(cfg, positions, local=True)
+    return lambda local: (jnp.where(local, cos_l, cos), jnp.where(local, sin_l, sin))
+
+
+def query_prescale(cfg: ModelConfig) -> float | None:
+    """Factor on q turning the attention's ``head_dim ** -0.5`` into
+    ``query_pre_attn_scalar ** -0.5`` (None when they agree)."""
+    if cfg.query_pre_attn_scalar is None or cfg.query_pre_attn_scalar == cfg.head_dim:
+        return None
+    return float(cfg.head_dim**0.5 * cfg.query_pre_attn_scalar**-0.5)
+
+
+def embed(params: dict, cfg: ModelConfig, tokens: jax.Array, dtype) -> jax.Array:
+    """Token embeddings in ``dtype``; Gemma's ``sqrt(hidden_size)`` factor is applied in
+    the embedding's own dtype, as transformers does."""
+    table = params["embed_tokens"]["embedding"]
+    x = jnp.take(table, tokens, axis=0)
+    if cfg.embed_scale:
+        x = x * jnp.asarray(cfg.hidden_size**0.5, table.dtype)
+    return x.astype(dtype)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -84,8 +145,9 @@ class Attention(nn.Module):
     attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
-        """``x [batch, seq, d_model]`` -> ``[batch, seq, d_model]``."""
+    def __call__(self, x, cos, sin, segment_ids, window=None):
+        """``x [batch, seq, d_model]`` -> ``[batch, seq, d_model]``. ``window``: this
+        layer's sliding window (a scanned value for per-layer models), else the config's."""
         c, b, t = self.cfg, x.shape[0], x.shape[1]
         dense = lambda n, f, bias: _dense(f, bias, self.dtype, self.param_dtype, n)  # noqa: E731
         q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
@@ -95,11 +157,14 @@ class Attention(nn.Module):
         k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
         v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
+            q = norm_for(c, self.dtype, self.param_dtype, "q_norm")(q)
+            k = norm_for(c, self.dtype, self.param_dtype, "k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if (f := query_prescale(c)) is not None:
+            q = q * jnp.asarray(f, q.dtype)
         out = attention(
-            q, k, v, segment_ids, sliding_window=c.sliding_window, impl=self.attn_impl
+            q, k, v, segment_ids, sliding_window=c.sliding_window if window is None else window,
+            impl=self.attn_impl,
         )
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return dense("o_proj", c.hidden_size, c.o_bias)(out)
@@ -164,6 +229,12 @@ class MLP(nn.Module):
         """``x [batch, seq, d_model]`` -> (out ``[batch, seq, d_model]``, up ``[batch, seq, d_ff]``)."""
         c = self.cfg
         d, f = c.hidden_size, c.intermediate_size
+        if c.hidden_act == "gelu_tanh":  # Gemma: gelu_pytorch_tanh(gate) * up
+            gate = _dense(f, c.mlp_bias, self.dtype, self.param_dtype, "gate_proj")(x)
+            up = _dense(f, c.mlp_bias, self.dtype, self.param_dtype, "up_proj")(x)
+            out = _dense(d, c.mlp_bias, self.dtype, self.param_dtype, "down_proj")(
+                nn.gelu(gate, approximate=True) * up)
+            return out, up
         if c.mlp_bias:
             gate = _dense(f, True, self.dtype, self.param_dtype, "gate_proj")(x)
             up = _dense(f, True, self.dtype, self.param_dtype, "up_proj")(x)
@@ -182,12 +253,16 @@ class DecoderLayer(nn.Module):
     attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, segment_ids, window=None):
         c = self.cfg
-        norm = lambda n: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=n)  # noqa: E731
+        norm = lambda n: norm_for(c, self.dtype, self.param_dtype, n)  # noqa: E731
         attn = Attention(c, self.dtype, self.param_dtype, self.attn_impl, name="self_attn")
-        h = x + attn(norm("input_layernorm")(x), cos, sin, segment_ids)
-        mlp_out, up = MLP(c, self.dtype, self.param_dtype, name="mlp")(
-            norm("post_attention_layernorm")(h)
-        )
+        a = attn(norm("input_layernorm")(x), cos, sin, segment_ids, window)
+        mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
+        if c.sandwich_norms:  # Gemma: norms on both sides of the attention and of the MLP
+            h = x + norm("post_attention_layernorm")(a)
+            mlp_out, up = mlp(norm("pre_feedforward_layernorm")(h))
+            return h + norm("post_feedforward_layernorm")(mlp_out), up
+        h = x + a
+        mlp_out, up = mlp(norm("post_attention_layernorm")(h))
         return h + mlp_out, up

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
-from scas_jax.models.decoder import lm_head
+from scas_jax.models.decoder import lm_head, softcap
 
 
 def target_logprobs(
@@ -33,7 +33,7 @@ def target_logprobs(
 
     @jax.checkpoint
     def one(hc, yc):
-        logits = jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32)
+        logits = softcap(cfg, jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
         return tgt - lse
