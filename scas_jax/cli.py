@@ -24,10 +24,12 @@ COMMAND_MODULES = (
     "scas_jax.training.commands",  # train
     "scas_jax.generation.commands",  # generate
     "scas_jax.evaluation.commands",  # evaluate
+    "scas_jax.experiment.commands",  # experiment
 )
 # Subcommands that touch JAX devices: they take the multi-process start-up flags and
 # start the process group (scas_jax.distributed) before they run.
-JAX_COMMANDS = frozenset({"convert", "export", "pipeline", "score", "train", "generate", "evaluate"})
+JAX_COMMANDS = frozenset({"convert", "export", "pipeline", "score", "train", "generate", "evaluate",
+                          "experiment"})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -1,0 +1,235 @@
+"""``run_experiment(config, out)``: the stages of ``scas-jax experiment``.
+
+1. ``student``: the student converted once into ``OUT/student`` (a converted directory is
+   used in place);
+2. ``data``: the configured teachers and questions, judged and split (``split.py``);
+3. ``score``: the training candidates scored once with the base student (``OUT/scored``;
+   only when an arm ranks by a score);
+4. arm files: one answer per training question for each arm (and seed, for seeded arms),
+   ``OUT/arms/*.jsonl``; rewritten each time (cheap, deterministic);
+5. runs: for each seed, each arm: train and evaluate (``runs.py``);
+6. ``results.json``, ``results.csv``, ``results.md``, ``figures/``.
+
+``OUT/experiment_state.json`` (:class:`scas_jax.stage_log.StageLog`) records the settings
+of each stage and of each (arm, seed) run. A rerun skips what finished with the same
+settings; a changed stage setting redoes that stage and everything after it; a run is
+redone when its own settings change (training settings, the content of its training
+file, the held-out data, the evaluation settings). Only the runs of the current
+config make up the results.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from scas_jax.experiment.config import SCORED_ARMS, SEEDED_ARMS, ExperimentConfig, check_teachers, load_config
+from scas_jax.experiment.split import dir_digest, heldout_rows, pool_teachers, prepare_data
+from scas_jax.io_utils import write_json_atomic, write_text_atomic
+from scas_jax.stage_log import StageLog
+
+STATE_FILE = "experiment_state.json"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _compilation_cache(path: Path) -> None:
+    """Every arm and seed compiles the same training step, scorer and sampler (same shapes):
+    a persistent compilation cache in ``OUT/.jax_cache`` compiles each once. A cache the
+    user configured (``JAX_COMPILATION_CACHE_DIR``) is left alone."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def longest_row(student: Path, pool: Path) -> int:
+    """Tokens of the longest candidate (chat-formatted prompt + answer) of ``pool``."""
+    from scas_jax.data.chat import ChatEncoder
+    from scas_jax.experiment.runs import iter_rows
+    from scas_jax.loader import load_tokenizer
+
+    enc = ChatEncoder(load_tokenizer(student))
+    lengths = [getattr(e, "length", 0) for e in enc.encode_rows(list(iter_rows(pool)))]
+    return max(lengths or [1])
+
+
+def run_experiment(config: str | Path | None, out: str | Path, overrides: list[str] = (), progress: bool = True,
+                   say: Callable[..., None] = print) -> dict[str, Any]:
+    """Run or resume the experiment of ``config`` (with ``key=value`` ``overrides``) in ``out``;
+    returns ``results.json``'s content."""
+    from scas_jax.convert import checkpoint
+    from scas_jax.parallel import batch_divisor, make_mesh
+
+    cfg = load_config(config, list(overrides))
+    where = str(config) if config else "experiment config"
+    check_teachers(cfg, pool_teachers(cfg.pool_dir()), where)  # before any model work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _compilation_cache(out / ".jax_cache")
+    log = StageLog(out, filename=STATE_FILE)
+    t0 = time.time()
+
+    def stage(name: str, settings: dict, output: Path, fn: Callable[[], Any]) -> Any:
+        action = log.decide(name, settings, report=say)
+        if action == "skip" and output.exists():
+            say(f"[{name}] done earlier with the same settings")
+            return log.stages[name].get("result")
+        say(f"[{name}] running")
+        if action != "resume":
+            _remove(output)
+        log.start(name, settings, redo=True)
+        result = fn()
+        log.finish(name, result)
+        return result
+
+    # 1. student
+    from scas_jax.loader import resolve_path
+
+    src = resolve_path(cfg.student)
+    if checkpoint.is_converted(src):
+        student = src
+    else:
+        from scas_jax.convert.commands import convert
+
+        student = out / "student"
+        stage("student", {"student": cfg.student}, student, lambda: str(convert(cfg.student, student)))
+
+    # 2. data
+    data = out / "data"
+    data_settings = {k: getattr(cfg, k) for k in ("questions", "min_verified", "heldout_questions",
+                                                   "train_questions", "split_seed")}
+    data_settings.update(pool=cfg.pool, pool_sha256=dir_digest(cfg.pool_dir()),
+                         teachers=list(cfg.teachers))
+    counts = stage("data", data_settings, data, lambda: prepare_data(cfg, data, where))
+    say(f"    {counts['train_questions']} training questions, {counts['heldout_questions']} held out "
+        f"({counts['heldout_answers']} verified answers), teachers {', '.join(counts['teachers'])}")
+    teachers = counts["teachers"]
+    train_pool = data / "train_pool"
+
+    # 3. score (the base student, once)
+    scored = out / "scored"
+    if any(a in SCORED_ARMS for a in cfg.arms):
+        from scas_jax.scoring.commands import score
+
+        def do_score():
+            m = score(student, train_pool, scored, lambda_scas=cfg.lambda_scas, mesh=cfg.mesh,
+                      batch_tokens=cfg.score_batch_tokens, max_length=cfg.max_length, dtype="float32",
+                      progress=progress)
+            return {"rows": m.get("rows"), "tokens": m.get("tokens"), "wall_time_s": m.get("wall_time_s"),
+                    "tokens_per_s": m.get("tokens_per_s")}
+
+        stage("score", {"student": cfg.student, "lambda_scas": cfg.lambda_scas, "max_length": cfg.max_length,
+                        "train_pool_sha256": dir_digest(train_pool)}, scored, do_score)
+
+    # 4. arm files
+    from scas_jax.experiment.arms import NO_FILE_ARMS, arm_file_name, write_arm_file
+
+    arms_dir = out / "arms"
+    arm_files: dict[tuple[str, int], Path] = {}
+    for arm in cfg.arms:
+        if arm in NO_FILE_ARMS:
+            continue
+        for seed in (cfg.seeds if arm in SEEDED_ARMS else cfg.seeds[:1]):
+            dest = arms_dir / arm_file_name(arm, seed)
+            info = write_arm_file(arm, seed, dest, scored=scored, train_pool=train_pool,
+                                  accuracy_file=data / "teacher_accuracy_train.json", num_groups=cfg.num_groups)
+            if info["rows"] != counts["train_questions"]:
+                say(f"    warning: arm {arm} has {info['rows']} answers for {counts['train_questions']} "
+                    "training questions (answers that could not be scored are never chosen)")
+            for s in cfg.seeds:
+                if arm in SEEDED_ARMS and s != seed:
+                    continue
+                arm_files[(arm, s)] = dest
+
+    # 5. geometry: the same for every arm
+    mesh = make_mesh(cfg.mesh)
+    div = batch_divisor(mesh)
+    batch = -(-cfg.batch_size // div) * div
+    steps = cfg.steps or cfg.epochs * -(-counts["train_questions"] // batch)
+    seq_len = cfg.seq_len or -(-longest_row(student, train_pool) // 64) * 64
+    say(f"    every arm: {steps} steps of {batch} answers (one per row of {seq_len} tokens), "
+        f"learning rate {cfg.learning_rate:g}")
+
+    # 6. runs
+    from scas_jax.experiment.runs import RESULT, run_one
+
+    rows = heldout_rows(data, teachers)
+    heldout_sha = dir_digest(data / "heldout_pool") + dir_digest(data, "heldout_questions.jsonl")[:16]
+    eval_settings = {"generate_accuracy": cfg.generate_accuracy, "max_length": cfg.max_length,
+                     "max_new_tokens": cfg.max_new_tokens if cfg.generate_accuracy else None}
+    train_settings = {"steps": steps, "batch": batch, "seq_len": seq_len, "learning_rate": cfg.learning_rate,
+                      "warmup_steps": cfg.warmup_steps, "schedule": cfg.schedule, "weight_decay": cfg.weight_decay}
+    runs: dict[str, list[dict]] = {arm: [] for arm in cfg.arms}
+    plan = [("base", None)] if "base" in cfg.arms else []
+    plan += [(arm, s) for s in cfg.seeds for arm in cfg.arms if arm != "base"]
+    for i, (arm, seed) in enumerate(plan):
+        name = f"run:{arm}:seed{seed}" if seed is not None else f"run:{arm}"
+        run_dir = out / "runs" / arm.replace(":", "_") / ("base" if seed is None else f"seed_{seed}")
+        settings: dict[str, Any] = {"arm": arm, "seed": seed, "student": cfg.student,
+                                    "heldout_sha256": heldout_sha, **eval_settings}
+        if arm != "base":
+            settings.update(train_settings)
+            if arm == "dynamic":
+                settings.update(rescore_every=cfg.rescore_every, lambda_scas=cfg.lambda_scas,
+                                data_sha256=dir_digest(train_pool))
+            else:
+                f = arm_files[(arm, seed)]
+                settings["data_sha256"] = dir_digest(f.parent, f.name)
+        action = log.decide(name, settings, report=lambda m: say(
+            "    " + m.strip().replace(" and every stage after it", "")))
+        result_file = run_dir / RESULT
+        if action == "skip" and result_file.exists():
+            from scas_jax.data.jsonl import read_json
+
+            say(f"[{i + 1}/{len(plan)}] {name}: done earlier with the same settings")
+            runs[arm].append(read_json(result_file, "run result"))
+            continue
+        say(f"[{i + 1}/{len(plan)}] {name}: training and evaluating")
+        log.start(name, settings, redo=False)
+        rec = run_one(cfg, arm, seed, run_dir, student, arm_files.get((arm, seed)), train_pool, rows,
+                      data / "heldout_questions.jsonl", steps, batch, seq_len, mesh, progress)
+        log.finish(name, {"heldout_nll": rec["heldout_nll"], "accuracy": rec["accuracy"]})
+        acc = "" if rec["accuracy"] is None else f", accuracy {rec['accuracy']:.3f}"
+        say(f"    held-out NLL {rec['heldout_nll']:.4f}{acc} ({rec['seconds']:.0f}s)")
+        runs[arm].append(rec)
+
+    # 7. results
+    return write_results(cfg, where, out, runs, rows, teachers, counts, steps, batch, time.time() - t0)
+
+
+def write_results(cfg: ExperimentConfig, where: str, out: Path, runs: dict[str, list[dict]], rows: list[dict],
+                  teachers: list[str], counts: dict, steps: int, batch: int, seconds: float) -> dict[str, Any]:
+    from scas_jax.data.jsonl import read_json
+    from scas_jax.experiment.plots import write_figures
+    from scas_jax.experiment.results import aggregate, to_csv, to_markdown
+
+    split = read_json(out / "data" / "split.json", "split")
+    from scas_jax.data.rows import id_key
+
+    arms = aggregate(list(cfg.arms), runs, [id_key(i) for i in split["heldout"]], rows, teachers, cfg.compare_to,
+                     cfg.bootstrap_samples, cfg.bootstrap_seed)
+    per_run = [{k: v for k, v in r.items() if k not in ("answer_nll", "verdicts")}
+               for arm in cfg.arms for r in runs[arm]]
+    for r in per_run:
+        if isinstance(r.get("heldout_nll"), float) and not math.isfinite(r["heldout_nll"]):
+            r["heldout_nll"] = None
+    info = {"config_file": where, "student": cfg.student, "teachers": teachers, "steps": steps, "batch": batch,
+            "learning_rate": cfg.learning_rate, "seeds": list(cfg.seeds), **counts}
+    results = {"config": cfg.to_dict(), "config_file": where, "info": info, "arms": arms, "runs": per_run,
+               "seconds_this_invocation": round(seconds, 1)}
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.csv", to_csv(arms))
+    write_text_atomic(out / "results.md", to_markdown(arms, info))
+    write_figures(arms, teachers, out / "figures")
+    return results

@@ -1,0 +1,207 @@
+"""`scas-jax experiment` end to end on a tiny student (configs/experiment/smoke.yaml):
+every arm trains on one answer per training question, the arms choose what they say,
+results carry finite numbers and intervals, reruns skip finished runs and redo changed
+ones, and bad configs fail with errors that name the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import tiny_chat
+import yaml
+
+from scas_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "experiment" / "smoke.yaml"
+
+
+def _lines(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return tiny_chat.make_student_dir(tmp_path_factory.mktemp("experiment") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def smoke(student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiment") / "out"
+    args = ["experiment", "--config", str(SMOKE), "--out", str(out), "--set", f"student={student}",
+            "--no-progress"]
+    assert main(args) == 0
+    return out, args
+
+
+def _finite_ci(ci):
+    return ci is not None and len(ci) == 2 and all(math.isfinite(x) for x in ci) and ci[0] <= ci[1]
+
+
+def test_results_have_every_arm_with_finite_numbers(smoke):
+    out, _ = smoke
+    cfg = yaml.safe_load(SMOKE.read_text())
+    res = json.loads((out / "results.json").read_text())
+    assert [a["arm"] for a in res["arms"]] == cfg["arms"]
+    for a in res["arms"]:
+        assert math.isfinite(a["heldout_nll"]) and _finite_ci(a["heldout_nll_ci"])
+        assert a["heldout_nll_ci"][0] <= a["heldout_nll"] <= a["heldout_nll_ci"][1]
+        assert 0.0 <= a["accuracy"] <= 1.0 and _finite_ci(a["accuracy_ci"])
+        assert _finite_ci(a["heldout_nll_diff_ci"])
+        trained = a["arm"] != "base"
+        assert len(a["seeds"]) == (len(cfg["seeds"]) if trained else 1)
+        if trained:
+            assert a["train_examples"] == 12 and abs(sum(a["teacher_shares"].values()) - 1) < 1e-4
+    # training lowered the held-out NLL of this random student (lr 1e-3, 2 steps)
+    nll = {a["arm"]: a["heldout_nll"] for a in res["arms"]}
+    assert nll["scas_min"] < nll["base"]
+    assert len(res["runs"]) == 1 + (len(cfg["arms"]) - 1) * len(cfg["seeds"])
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + len(cfg["arms"])
+    md = (out / "results.md").read_text()
+    assert all(f"| {arm} |" in md for arm in cfg["arms"])
+    for fig in ("heldout_nll.png", "accuracy.png", "teacher_shares.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+    # outputs stay small: no optimiser checkpoints, no fine-tuned weights once evaluated
+    assert not list(out.glob("runs/**/checkpoints")) and not list(out.glob("runs/**/final"))
+
+
+def test_arm_files_one_answer_per_training_question(smoke):
+    out, _ = smoke
+    split = json.loads((out / "data" / "split.json").read_text())
+    train, held = split["train"], split["heldout"]
+    assert len(train) == 12 and len(held) == 4 and not set(train) & set(held)
+    files = sorted((out / "arms").glob("*.jsonl"))
+    assert {f.name for f in files} == {"scas_min.jsonl", "nll_min.jsonl", "strongest.jsonl"}
+    for f in files:
+        rows = _lines(f)
+        assert sorted(r["id"] for r in rows) == train, f.name
+        assert all(r["output"] for r in rows)
+    # held-out answers are verified answers of held-out questions only
+    held_rows = [r for p in (out / "data" / "heldout_pool").glob("*.jsonl") for r in _lines(p)]
+    assert held_rows and all(r["id"] in held and r["teacher_correct"] is True for r in held_rows)
+
+
+def test_strongest_is_the_most_accurate_teacher_on_the_train_split(smoke):
+    out, _ = smoke
+    train = set(json.loads((out / "data" / "split.json").read_text())["train"])
+    acc = {}
+    verified = {}
+    for p in (out / "data" / "verified").glob("*.jsonl"):
+        rows = [r for r in _lines(p) if r["id"] in train]
+        acc[p.stem] = sum(r["teacher_correct"] is True for r in rows) / len(rows)
+        verified[p.stem] = {r["id"] for r in rows if r["teacher_correct"] is True}
+    order = sorted(acc, key=lambda t: (-acc[t], t))
+    assert acc[order[0]] > acc[order[1]]  # the smoke split has a clear winner
+    for r in _lines(out / "arms" / "strongest.jsonl"):
+        expected = next(t for t in order if r["id"] in verified[t])
+        assert r["teacher_name"] == expected
+
+
+def test_nll_min_picks_the_lowest_answer_mean_nll(smoke):
+    out, _ = smoke
+    best = {}
+    for p in (out / "scored").glob("*_scas_scores.jsonl"):
+        for r in _lines(p):
+            key = (r["answer_mean_nll"], r["teacher_name"])
+            best[r["id"]] = min(best.get(r["id"], key), key)
+    picks = {r["id"]: (r["score_value"], r["teacher_name"]) for r in _lines(out / "arms" / "nll_min.jsonl")}
+    assert picks == best
+    scas = {r["id"]: r["teacher_name"] for r in _lines(out / "arms" / "scas_min.jsonl")}
+    assert set(scas) == set(picks)
+
+
+def test_other_arms_choose_as_documented(smoke, tmp_path):
+    from scas_jax.experiment.arms import write_arm_file
+
+    out, _ = smoke
+    train = json.loads((out / "data" / "split.json").read_text())["train"]
+    kw = dict(scored=out / "scored", train_pool=out / "data" / "train_pool",
+              accuracy_file=out / "data" / "teacher_accuracy_train.json", num_groups=5)
+    scored = {}
+    for p in (out / "scored").glob("*_scas_scores.jsonl"):
+        for r in _lines(p):
+            scored.setdefault(r["id"], []).append(r)
+    for arm in ("scas_groups", "scas_no_diag_min", "random", "teacher:gpt3_6b_finetuning"):
+        dest = tmp_path / f"{arm.replace(':', '_')}.jsonl"
+        info = write_arm_file(arm, 3, dest, **kw)
+        rows = _lines(dest)
+        assert sorted(r["id"] for r in rows) == train and info["rows"] == len(train)
+    for r in _lines(tmp_path / "scas_no_diag_min.jsonl"):
+        assert r["score_value"] == min(c["scas_score_no_diag"] for c in scored[r["id"]])
+    for r in _lines(tmp_path / "scas_groups.jsonl"):  # the lowest occupied group
+        n = len(scored[r["id"]])
+        assert r["group"] == min(min(5, max(1, math.ceil((k + 1) * 5 / n))) for k in range(n))
+    own = {r["id"] for r in _lines(out / "data" / "train_pool" / "gpt3_6b_finetuning.jsonl")}
+    for r in _lines(tmp_path / "teacher_gpt3_6b_finetuning.jsonl"):
+        assert (r["teacher_name"] == "gpt3_6b_finetuning") == (r["id"] in own)
+
+
+def test_rerun_skips_and_changed_setting_redoes(smoke, capsys):
+    out, args = smoke
+    before = json.loads((out / "results.json").read_text())["arms"]
+    capsys.readouterr()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "training and evaluating" not in text
+    assert text.count("done earlier with the same settings") == 2 + len(before[1:]) * 2 + 1
+    assert json.loads((out / "results.json").read_text())["arms"] == before
+
+    changed = [*args, "--set", "learning_rate=0.002", "--set", "arms=[base, scas_min]", "--set", "seeds=[0]"]
+    assert main(changed) == 0
+    text = capsys.readouterr().out
+    assert "learning_rate: 0.001 -> 0.002" in text
+    assert "run:scas_min:seed0: training and evaluating" in text
+    assert "run:base: done earlier with the same settings" in text
+    res = json.loads((out / "results.json").read_text())
+    assert [a["arm"] for a in res["arms"]] == ["base", "scas_min"]
+    assert res["arms"][1]["heldout_nll"] != before[1]["heldout_nll"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"learning_rat": 1e-4}, "unknown key 'learning_rat'; did you mean 'learning_rate'?"),
+    ({"arms": ["base", "scas_mni"]}, "unknown arm 'scas_mni' (did you mean 'scas_min'?); valid arms: base"),
+    ({"teachers": ["human_reference", "gpt5"]}, "unknown teacher 'gpt5' in teachers; the pool's teachers: "),
+    ({"arms": ["base", "teacher:gpt5"], "compare_to": "base"}, "unknown teacher 'gpt5' in arm 'teacher:gpt5'"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"compare_to": "random"}, "compare_to 'random' is not one of the arms"),
+])
+def test_bad_configs_are_errors_naming_the_fix(tmp_path, capsys, extra, message):
+    cfg = {**yaml.safe_load(SMOKE.read_text()), **extra}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["experiment", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(path) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_aggregate_bootstraps_questions_and_seeds_paired():
+    from scas_jax.data.rows import id_key
+    from scas_jax.experiment.results import aggregate
+
+    ids = [f"q{i}" for i in range(30)]
+    rows = [{"id": q, "teacher_name": t} for q in ids for t in ("a", "b")]
+    base = [1.0 + 0.1 * (i % 7) for i in range(len(rows))]
+
+    def run(seed, shift, correct):
+        return {"seed": seed, "answer_nll": [v + shift for v in base], "heldout_nll": None,
+                "verdicts": {id_key(q): i < correct for i, q in enumerate(ids)}, "accuracy": correct / 30,
+                "train_examples": 10, "train_tokens": 100, "teacher_shares": {"a": 1.0}}
+
+    runs = {"ref": [run(0, 0.0, 15), run(1, 0.0, 15)], "better": [run(0, -0.01, 21), run(1, -0.01, 21)]}
+    for rs in runs.values():
+        for r in rs:
+            r["heldout_nll"] = sum(r["answer_nll"]) / len(r["answer_nll"])
+    out = {a["arm"]: a for a in aggregate(["ref", "better"], runs, [id_key(q) for q in ids], rows,
+                                          ["a", "b"], "ref", 500, 0)}
+    assert out["better"]["heldout_nll_diff"] == pytest.approx(-0.01)
+    # a constant shift is resolved exactly by the paired bootstrap, not by the unpaired one
+    assert out["better"]["heldout_nll_diff_ci"] == pytest.approx([-0.01, -0.01])
+    lo, hi = out["better"]["heldout_nll_ci"]
+    assert hi - lo > 0.02
+    assert out["better"]["accuracy"] == pytest.approx(0.7) and out["ref"]["accuracy"] == pytest.approx(0.5)
+    assert out["better"]["accuracy_ci"][0] < 0.7 < out["better"]["accuracy_ci"][1]
