@@ -30,10 +30,12 @@ from scas_jax.generation.sampling import SamplingConfig, row_keys, sample_next
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.kv_cache import cache_shape, init_cache, next_token_logits
 
-# Padded prompt lengths: steps of 32 up to 256, then about 1.25x apart. The prefill is
-# compute-bound, so padding costs in proportion; each bucket used compiles once.
-DEFAULT_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256, 320, 384, 512, 640, 768, 1024, 1280,
-                   1536, 2048, 2560, 3072, 4096, 5120, 6144, 8192)
+# Padded prompt lengths: steps of 16 up to 256, of 32 up to 512, then about 1.25x apart.
+# Padding costs in proportion twice: in the compute-bound prefill and in every decode
+# step (each cache slot is read per step); each bucket used compiles once (~1 s for
+# SmolLM2 on 2 cores).
+DEFAULT_BUCKETS = (*range(16, 257, 16), *range(288, 513, 32), 640, 768, 1024, 1280, 1536, 2048,
+                   2560, 3072, 4096, 5120, 6144, 8192)
 # End-of-turn tokens of common chat templates; each is a stop token when the
 # tokenizer has it (besides the tokenizer's own EOS).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
