@@ -205,3 +205,13 @@ def test_aggregate_bootstraps_questions_and_seeds_paired():
     assert hi - lo > 0.02
     assert out["better"]["accuracy"] == pytest.approx(0.7) and out["ref"]["accuracy"] == pytest.approx(0.5)
     assert out["better"]["accuracy_ci"][0] < 0.7 < out["better"]["accuracy_ci"][1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_configs_are_valid(path):
+    from scas_jax.experiment.config import check_teachers, load_config
+    from scas_jax.experiment.split import pool_teachers
+
+    cfg = load_config(path)
+    teachers = check_teachers(cfg, pool_teachers(cfg.pool_dir()), str(path))
+    assert teachers and "base" in cfg.arms and cfg.compare_to in cfg.arms
