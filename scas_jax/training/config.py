@@ -66,6 +66,9 @@ class TrainConfig:
     dataset: str = ""  # dataset name inside a LLaMA-Factory dataset_info.json
     eval_data: str = ""  # held-out SFT file for the evaluation loss
     eval_every: int = 0  # 0: evaluate only at the end (when eval_data is set)
+    # chat template (--chat-template): chatml | gemma | plain | a Jinja file; "": the
+    # tokenizer's own (scas_jax.data.chat); the final model's tokenizer keeps it
+    chat_template: str = ""
     # bookkeeping
     checkpoint_every: int = 100
     max_to_keep: int = 3

@@ -141,6 +141,10 @@ def check_inputs(cfg: TrainConfig, student, data, candidate_dir) -> _Inputs:
     sources, their files and rows, the eval file, the candidate directory, the student
     path and the mesh. Errors name the file (and line) and the fix."""
     check_sources(cfg, data, candidate_dir)
+    if cfg.chat_template:
+        from scas_jax.data.chat import chat_template_label
+
+        chat_template_label(cfg.chat_template, "--chat-template (chat_template)")
     sft = read_rows(data, cfg.dataset) if data else None
     eval_sft = read_rows(cfg.eval_data) if cfg.eval_data else None
     if candidate_dir and not Path(candidate_dir).is_dir():
@@ -265,6 +269,12 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
 
     mesh = make_mesh(cfg.mesh)
     student = _load_student(student, mesh)
+    if student.tokenizer is not None:
+        from scas_jax.data.chat import with_chat_template
+
+        student = dataclasses.replace(student, tokenizer=with_chat_template(
+            student.tokenizer, cfg.chat_template or None, "--chat-template (chat_template)",
+            name=str(student.source)))
     dynamic = cfg.selection == "dynamic"
     if dynamic:
         from scas_jax.training.dynamic import DynamicStream, load_candidates
