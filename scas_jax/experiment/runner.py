@@ -20,6 +20,7 @@ config make up the results.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -41,16 +42,36 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _compilation_cache(path: Path) -> None:
+def _reset_cache() -> None:
+    try:  # JAX decides once per process whether to use the cache: ask it again
+        from jax._src import compilation_cache as cc
+
+        cc.reset_cache()
+    except (ImportError, AttributeError):  # another JAX: no persistent cache, just slower
+        pass
+
+
+@contextlib.contextmanager
+def compilation_cache(path: Path):
     """Every arm and seed compiles the same training step, scorer and sampler (same shapes):
     a persistent compilation cache in ``OUT/.jax_cache`` compiles each once. A cache the
-    user configured (``JAX_COMPILATION_CACHE_DIR``) is left alone."""
+    user configured (``JAX_COMPILATION_CACHE_DIR``) is left alone; the previous settings
+    come back afterwards."""
     import jax
 
     if jax.config.jax_compilation_cache_dir:
+        yield
         return
+    old_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    _reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", old_time)
+        _reset_cache()
 
 
 def longest_row(student: Path, pool: Path) -> int:
@@ -68,15 +89,19 @@ def run_experiment(config: str | Path | None, out: str | Path, overrides: list[s
                    say: Callable[..., None] = print) -> dict[str, Any]:
     """Run or resume the experiment of ``config`` (with ``key=value`` ``overrides``) in ``out``;
     returns ``results.json``'s content."""
-    from scas_jax.convert import checkpoint
-    from scas_jax.parallel import batch_divisor, make_mesh
-
     cfg = load_config(config, list(overrides))
     where = str(config) if config else "experiment config"
     check_teachers(cfg, pool_teachers(cfg.pool_dir()), where)  # before any model work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _compilation_cache(out / ".jax_cache")
+    with compilation_cache(out / ".jax_cache"):
+        return _stages(cfg, where, out, progress, say)
+
+
+def _stages(cfg: ExperimentConfig, where: str, out: Path, progress: bool, say: Callable[..., None]) -> dict[str, Any]:
+    from scas_jax.convert import checkpoint
+    from scas_jax.parallel import batch_divisor, make_mesh
+
     log = StageLog(out, filename=STATE_FILE)
     t0 = time.time()
 
