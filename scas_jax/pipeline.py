@@ -37,7 +37,6 @@ from scas_jax.io_utils import write_json_atomic, write_jsonl_atomic, write_text_
 from scas_jax.stage_log import STATE_FILE, StageLog  # noqa: F401  (shared with scas_jax.experiment)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
     """Every knob of the demo; the defaults are the README's main job (about 0.4 nats of
