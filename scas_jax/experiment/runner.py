@@ -89,8 +89,15 @@ def run_experiment(config: str | Path | None, out: str | Path, overrides: list[s
                    say: Callable[..., None] = print) -> dict[str, Any]:
     """Run or resume the experiment of ``config`` (with ``key=value`` ``overrides``) in ``out``;
     returns ``results.json``'s content."""
+    import jax
+
     cfg = load_config(config, list(overrides))
     where = str(config) if config else "experiment config"
+    if jax.process_count() > 1:
+        from scas_jax.errors import ScasError
+
+        raise ScasError("scas-jax experiment runs as one process (one host, all its devices); "
+                        "run its stages (score, train) multi-host on their own")
     check_teachers(cfg, pool_teachers(cfg.pool_dir()), where)  # before any model work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
