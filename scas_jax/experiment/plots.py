@@ -1,29 +1,45 @@
-"""Figures of ``results.json``: per-arm bars with their 95 % intervals, teacher shares."""
+"""Figures of ``results.json``: per-arm bars with their 95 % intervals beside the paired
+differences to ``compare_to``; teacher shares per arm."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 
+def _panel(ax, names: list[str], vals: list[float], cis: list, ylabel: str, title: str) -> None:
+    cis = [c or [v, v] for v, c in zip(vals, cis)]
+    err = [[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]]
+    ax.bar(range(len(names)), vals, yerr=err, capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
+    ax.set_ylabel(ylabel)
+    lo, hi = min(c[0] for c in cis), max(c[1] for c in cis)
+    pad = (hi - lo) * 0.3 or abs(hi) * 0.05 or 0.05
+    ax.set_ylim(lo - pad, hi + pad)
+    if lo < 0 < hi:
+        ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_title(title, fontsize=9)
+
+
 def _bars(arms: list[dict], key: str, ylabel: str, path: Path) -> None:
+    """Per-arm values with their 95 % intervals, and beside them the paired difference to
+    ``compare_to`` (the interval to read when comparing arms)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [a["arm"] for a in arms if a[key] is not None]
-    vals = [a[key] for a in arms if a[key] is not None]
-    cis = [a[f"{key}_ci"] or [v, v] for a, v in zip([a for a in arms if a[key] is not None], vals)]
-    err = [[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(names) + 1.5), 3.6))
-    ax.bar(range(len(names)), vals, yerr=err, capsize=4, color="#4c72b0")
-    ax.set_xticks(range(len(names)), names, rotation=35, ha="right")
-    ax.set_ylabel(ylabel)
-    lo = min(c[0] for c in cis)
-    hi = max(c[1] for c in cis)
-    pad = (hi - lo) * 0.3 or abs(hi) * 0.05 or 0.05
-    ax.set_ylim(lo - pad, hi + pad)
-    ax.set_title(f"{ylabel} per arm (95% bootstrap interval)", fontsize=10)
+    shown = [a for a in arms if a[key] is not None]
+    names = [a["arm"] for a in shown]
+    diff_key = f"{key}_diff"
+    paired = [a for a in shown if a.get(diff_key) is not None]
+    width = max(4.0, 0.7 * len(names) + 1.5)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(2 * width if paired else width, 3.8), squeeze=False)
+    _panel(axes[0][0], names, [a[key] for a in shown], [a[f"{key}_ci"] for a in shown], ylabel,
+           f"{ylabel}, 95% bootstrap interval")
+    if paired:
+        ref = paired[0]["compare_to"]
+        _panel(axes[0][1], [a["arm"] for a in paired], [a[diff_key] for a in paired],
+               [a.get(f"{diff_key}_ci") for a in paired], f"minus {ref}", f"paired difference to {ref}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
