@@ -35,8 +35,7 @@ import jax.numpy as jnp
 from scas_jax.models.attention import _NEG
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import logits_from_hidden
-from scas_jax.models.layers import (MLP, _dense, apply_rope, embed, layer_xs, norm_for, query_prescale,
-                                    rope_for_layers)
+from scas_jax.models.layers import MLP, _dense, embed, layer_xs, norm_for, project_qkv, rope_for_layers
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
@@ -113,25 +112,13 @@ class CachedAttention(nn.Module):
         (read only). Returns (``[batch, T, d_model]``, the new keys and values
         ``[batch, kv_heads, T, head_dim]`` for the caller to write at ``index``)."""
         c, b, t = self.cfg, x.shape[0], x.shape[1]
-        dense = lambda n, f, bias: _dense(f, bias, self.dtype, self.param_dtype, n)  # noqa: E731
-        q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
-        k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
-        v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
-        q = q.reshape(b, t, c.num_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q = norm_for(c, self.dtype, self.param_dtype, "q_norm")(q)
-            k = norm_for(c, self.dtype, self.param_dtype, "k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (f := query_prescale(c)) is not None:
-            q = q * jnp.asarray(f, q.dtype)
+        q, k, v = project_qkv(c, x, cos, sin, self.dtype, self.param_dtype)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, T, head_dim]
         out = cached_attention(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), kv_valid,
                                new_valid, index, c.sliding_window if window is None else window,
                                self.use_cache)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
-        return dense("o_proj", c.hidden_size, c.o_bias)(out), k, v
+        return _dense(c.hidden_size, c.o_bias, self.dtype, self.param_dtype, "o_proj")(out), k, v
 
 
 class CachedDecoderLayer(nn.Module):

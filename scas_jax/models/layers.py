@@ -138,6 +138,29 @@ def _dense(features: int, bias: bool, dtype, param_dtype, name: str) -> nn.Dense
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+def project_qkv(c: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, dtype, param_dtype):
+    """The attention inputs of one layer, inside its compact ``__call__`` (the projections
+    are created as its ``q_proj``/``k_proj``/``v_proj`` and ``q_norm``/``k_norm``).
+
+    ``x [batch, T, d_model]`` -> ``q [batch, T, heads, head_dim]`` (rotated, pre-scaled),
+    ``k [batch, T, kv_heads, head_dim]`` (rotated), ``v [batch, T, kv_heads, head_dim]``.
+    """
+    b, t = x.shape[0], x.shape[1]
+    q = _dense(c.num_heads * c.head_dim, c.qkv_bias, dtype, param_dtype, "q_proj")(x)
+    k = _dense(c.num_kv_heads * c.head_dim, c.qkv_bias, dtype, param_dtype, "k_proj")(x)
+    v = _dense(c.num_kv_heads * c.head_dim, c.qkv_bias, dtype, param_dtype, "v_proj")(x)
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm:
+        q = norm_for(c, dtype, param_dtype, "q_norm")(q)
+        k = norm_for(c, dtype, param_dtype, "k_norm")(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if (f := query_prescale(c)) is not None:
+        q = q * jnp.asarray(f, q.dtype)
+    return q, k, v
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
@@ -148,26 +171,14 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, segment_ids, window=None):
         """``x [batch, seq, d_model]`` -> ``[batch, seq, d_model]``. ``window``: this
         layer's sliding window (a scanned value for per-layer models), else the config's."""
-        c, b, t = self.cfg, x.shape[0], x.shape[1]
-        dense = lambda n, f, bias: _dense(f, bias, self.dtype, self.param_dtype, n)  # noqa: E731
-        q = dense("q_proj", c.num_heads * c.head_dim, c.qkv_bias)(x)
-        k = dense("k_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
-        v = dense("v_proj", c.num_kv_heads * c.head_dim, c.qkv_bias)(x)
-        q = q.reshape(b, t, c.num_heads, c.head_dim)
-        k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
-        if c.qk_norm:
-            q = norm_for(c, self.dtype, self.param_dtype, "q_norm")(q)
-            k = norm_for(c, self.dtype, self.param_dtype, "k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if (f := query_prescale(c)) is not None:
-            q = q * jnp.asarray(f, q.dtype)
+        c = self.cfg
+        q, k, v = project_qkv(c, x, cos, sin, self.dtype, self.param_dtype)
         out = attention(
             q, k, v, segment_ids, sliding_window=c.sliding_window if window is None else window,
             impl=self.attn_impl,
         )
-        out = out.reshape(b, t, c.num_heads * c.head_dim)
-        return dense("o_proj", c.hidden_size, c.o_bias)(out)
+        out = out.reshape(*x.shape[:2], c.num_heads * c.head_dim)
+        return _dense(c.hidden_size, c.o_bias, self.dtype, self.param_dtype, "o_proj")(out)
 
 
 @jax.custom_vjp
