@@ -36,7 +36,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig

@@ -32,7 +32,7 @@ import jax
 import yaml
 
 from scas_jax.errors import ScasError
-from scas_jax.io_utils import atomic_dir, write_text_atomic
+from scas_jax.io_utils import write_text_atomic
 from scas_jax.models.precision import with_matmul_precision
 from scas_jax.parallel import batch_divisor, is_main_process, make_mesh
 from scas_jax.training import step as st
