@@ -144,3 +144,12 @@ def publish_files(dest: str | Path, files: Mapping[str, Any], *, overwrite: bool
                 os.replace(staging / name, dest / name)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def append_json_line(handle, obj: Any) -> None:
+    """Write ``obj`` as one JSON line to an open journal file and make it durable
+    (flushed and fsynced) before returning: what a resumable job has recorded survives a
+    crash."""
+    handle.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    handle.flush()
+    os.fsync(handle.fileno())

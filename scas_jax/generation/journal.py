@@ -14,11 +14,11 @@ naming the settings) and generates only the questions not listed.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from scas_jax.errors import ScasError
+from scas_jax.io_utils import append_json_line
 
 JOURNAL_DIR = ".generate_journal"
 VERSION = 1
@@ -80,9 +80,7 @@ class Journal:
         return good_end
 
     def _append(self, obj: dict) -> None:
-        self._fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        append_json_line(self._fh, obj)
 
     def record(self, key: str, rows: list[dict]) -> None:
         self.done[key] = rows

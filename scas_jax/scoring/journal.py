@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
+
+from scas_jax.io_utils import append_json_line
 
 JOURNAL_DIR = ".scas_journal"
 JOURNAL_VERSION = 2
@@ -128,9 +129,7 @@ class Journal:
         return good_end
 
     def _append(self, obj: dict) -> None:
-        self._fh.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        append_json_line(self._fh, obj)
 
     def record(self, batch: int, items: Iterable[tuple[int, dict]]) -> None:
         """Durably record one finished batch."""
