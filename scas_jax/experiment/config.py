@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from scas_jax.errors import ScasError
+from scas_jax.data.yaml_file import read_yaml as read_yaml_file
 
 # arms that need no teacher name; ``teacher:<name>`` adds one per teacher
 FIXED_ARMS = ("base", "scas_min", "scas_groups", "nll_min", "scas_no_diag_min", "strongest",
@@ -142,10 +143,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         where = str(path)
         if not path.is_file():
             raise ScasError(f"--config {path}: no such file")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ScasError(f"{path}: not valid YAML ({e})") from None
+        data = read_yaml_file(path) or {}
         if not isinstance(data, dict):
             raise _bad(where, "expected a mapping of settings")
     data = dict(data)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig, config_from_hf
 from scas_jax.models.precision import DTYPE_CHOICES
+from scas_jax.data.yaml_file import read_yaml as read_yaml_file
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
 TOP_KEYS = {"name", "hf_id", "published_params", "architecture", "run"}
@@ -70,14 +70,7 @@ def read_preset(path: str | Path) -> dict:
     """The checked preset file as a dict: ``name``, ``hf_id``, ``published_params``,
     ``architecture`` (HF config fields), ``run`` (settings), ``path``."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ScasError(f"{path}: no such model preset") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ScasError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    data = read_yaml_file(path, "model preset")
     if not isinstance(data, dict):
         raise ScasError(f"{path}: expected a mapping with fields {', '.join(sorted(TOP_KEYS))}")
     _check_keys(str(path), data, TOP_KEYS)

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import yaml
 
 from scas_jax.errors import ScasError
+from scas_jax.data.yaml_file import read_yaml as read_yaml_file
 
 SCHEDULES = ("cosine", "constant")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # auto: models/precision.resolve_dtype
@@ -210,14 +211,7 @@ def _flatten(tree: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Field values from a YAML file (nested sections allowed); errors name the file."""
     path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ScasError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise ScasError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    tree = read_yaml_file(path, "config file") or {}
     if not isinstance(tree, dict):
         raise ScasError(f"{path}: expected a mapping of config keys")
     out: dict[str, Any] = {}
