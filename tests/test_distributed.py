@@ -74,6 +74,14 @@ def _results(text: str) -> list[list[str]]:
     return sorted(line.split("RESULT ", 1)[1].split() for line in text.splitlines() if "RESULT " in line)
 
 
+def _communicate(procs: list[subprocess.Popen]) -> list[str]:
+    """Each process's stdout (its RESULT line); stderr is read apart, since gloo's
+    C++ log lines land there unbuffered and would split a RESULT line."""
+    pairs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], pairs
+    return [out for out, _ in pairs]
+
+
 def test_two_processes_with_the_launcher():
     proc = subprocess.run(["bash", str(LAUNCH), "2", "--", sys.executable, "-c", _PROBE],
                           env=_env(), capture_output=True, text=True, timeout=120)
@@ -84,12 +92,11 @@ def test_two_processes_with_the_launcher():
 
 def test_faked_slurm_job_step():
     job = str(random.randint(1000, 999999))
-    procs = [subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=_env(SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost",
                                                   SLURM_NTASKS="2", SLURM_PROCID=str(i), SLURM_LOCALID=str(i)))
              for i in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs = _communicate(procs)
     assert _results("".join(outs)) == [["slurm", "0", "2", "4", "2"], ["slurm", "1", "2", "4", "2"]]
 
 
@@ -113,10 +120,9 @@ def test_multinode_script_starts_each_rank():
     script = REPO / "launch" / "multinode.sh"
     procs = [subprocess.Popen(["bash", str(script), "--coordinator", f"localhost:{port}", "--num-processes", "2",
                                "--process-id", str(i), "--", sys.executable, "-c", _PROBE],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
              for i in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs = _communicate(procs)
     assert _results("".join(outs)) == [["explicit", "0", "2", "4", "2"], ["explicit", "1", "2", "4", "2"]]
 
 
