@@ -14,6 +14,7 @@ from scas_jax.generation.sampler import Sampler, stop_token_ids
 from scas_jax.generation.sampling import SamplingConfig
 from scas_jax.loader import load_student
 from scas_jax.models.decoder import forward
+from scas_jax.models.kv_cache import LAYOUTS, default_layout
 
 FAMILIES = sorted(hf_tiny.FAMILIES)
 GSM8K = "scas_jax/assets/gsm8k/human_reference.jsonl"
@@ -78,17 +79,19 @@ def tiny(tiny_hf_dirs):
 PROMPTS = [[5, 17, 33], [3, 9, 4, 60, 61, 62, 7, 8, 90, 11, 12, 13], [44], [8, 8, 8, 8, 8, 8, 21]]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_tiny_greedy_equals_transformers_and_full_forward(tiny, name):
+def test_tiny_greedy_equals_transformers_and_full_forward(tiny, name, layout):
     """Every family (Qwen2 biases, Qwen3 q/k norms, Mistral's 5-token window over 28-token
-    sequences, llama3 rope scaling, tied heads): each row of a left-padded batch equals
-    transformers' greedy generate of that prompt alone, and every generated token is the
-    argmax of a full uncached forward pass over the sequence so far."""
+    sequences, llama3 rope scaling, tied heads), both cache layouts: each row of a
+    left-padded batch equals transformers' greedy generate of that prompt alone, and
+    every generated token is the argmax of a full uncached forward pass over the
+    sequence so far."""
     import torch
 
     hf, st = tiny[name]
     stops = _hf_eos(hf)
-    sampler = Sampler(st.params, st.cfg, batch_size=4, buckets=(16,))
+    sampler = Sampler(st.params, st.cfg, batch_size=4, buckets=(16,), layout=layout)
     gens = sampler.generate(PROMPTS, max_new_tokens=16, stop_ids=stops)
     for p, g in zip(PROMPTS, gens):
         with torch.no_grad():
@@ -107,11 +110,12 @@ def qwen3(tiny):
     return tiny["qwen3_qknorm_tied"][1]
 
 
-def test_left_padded_batch_equals_each_row_alone(qwen3):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_left_padded_batch_equals_each_row_alone(qwen3, layout):
     """Greedy and sampled: a row's tokens do not depend on the other rows of its batch
     (row keys come from row ids, positions from the padding mask)."""
-    batch = Sampler(qwen3.params, qwen3.cfg, batch_size=4, buckets=(16,))
-    alone = Sampler(qwen3.params, qwen3.cfg, batch_size=1, buckets=(16,))
+    batch = Sampler(qwen3.params, qwen3.cfg, batch_size=4, buckets=(16,), layout=layout)
+    alone = Sampler(qwen3.params, qwen3.cfg, batch_size=1, buckets=(16,), layout=layout)
     hot = SamplingConfig(temperature=1.0)
     for sc in (SamplingConfig(), hot):
         together = batch.generate(PROMPTS, max_new_tokens=10, sampling=sc, seed=3, row_ids=[7, 8, 9, 10])
@@ -159,20 +163,39 @@ def test_stop_tokens_end_rows_and_truncation_is_flagged(qwen3):
         assert g.tokens == f.tokens[:cut] and g.truncated == (stop not in f.tokens)
 
 
-def test_sharded_over_the_mesh_equals_one_device(qwen3):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sharded_over_the_mesh_equals_one_device(qwen3, layout):
     from scas_jax.parallel import make_mesh, shard_params
 
     mesh = make_mesh("data=4,fsdp=2")
     sharded = Sampler(shard_params(qwen3.params, mesh), qwen3.cfg, mesh=mesh, batch_size=3,
-                      buckets=(16,))
+                      buckets=(16,), layout=layout)
     assert sharded.batch_size == 8  # rounded up to the 8 batch shards
-    plain = Sampler(qwen3.params, qwen3.cfg, batch_size=8, buckets=(16,))
+    plain = Sampler(qwen3.params, qwen3.cfg, batch_size=8, buckets=(16,), layout="stacked")
     hot = SamplingConfig(temperature=1.0, top_k=20)
     for sc in (SamplingConfig(), hot):
         assert (sharded.generate(PROMPTS, max_new_tokens=8, sampling=sc)
                 == plain.generate(PROMPTS, max_new_tokens=8, sampling=sc))
     (_, cache), = [sharded._cache]
-    assert len(cache["k"].sharding.device_set) == 8
+    for k in jax.tree.leaves(cache["k"]):
+        assert len(k.sharding.device_set) == 8
+
+
+def test_layouts_agree_and_cpu_defaults_to_per_layer(qwen3):
+    """The two cache layouts give the same tokens (greedy and sampled) and the same cache
+    contents; the CPU backend picks the per-layer one."""
+    assert default_layout("cpu") == "per_layer" and default_layout("gpu") == "stacked"
+    assert Sampler(qwen3.params, qwen3.cfg).layout == "per_layer"
+    runs = {}
+    for layout in LAYOUTS:
+        s = Sampler(qwen3.params, qwen3.cfg, batch_size=4, buckets=(16,), layout=layout)
+        runs[layout] = (s.generate(PROMPTS, max_new_tokens=8),
+                        s.generate(PROMPTS, max_new_tokens=8, sampling=SamplingConfig(temperature=1.0), seed=5),
+                        s._cache[1])
+    (g1, h1, c1), (g2, h2, c2) = runs["stacked"], runs["per_layer"]
+    assert g1 == g2 and h1 == h2
+    for n in ("k", "v"):
+        np.testing.assert_allclose(np.stack([np.asarray(x) for x in c2[n]]), np.asarray(c1[n]), atol=1e-5)
 
 
 # ------------------------------------------------------------------ scas-jax generate

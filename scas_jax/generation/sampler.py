@@ -3,9 +3,10 @@
 One call of the compiled loop (:func:`generate_tokens`) takes a left-padded batch of
 prompts, runs one prefill pass over the whole prompt (writing the cache), then decodes
 one token per row per step under ``lax.while_loop`` until every row has produced a stop
-token or ``max_new_tokens`` tokens. The cache (:mod:`scas_jax.models.kv_cache`,
-``[layers, batch, kv_heads, max_len, head_dim]``) is an argument of the compiled loop,
-donated, and handed back, so consecutive batches of one shape reuse one buffer.
+token or ``max_new_tokens`` tokens. The cache (:mod:`scas_jax.models.kv_cache`:
+``[layers, batch, kv_heads, max_len, head_dim]``, or one such buffer per layer on CPU)
+is an argument of the compiled loop, donated, and handed back, so consecutive batches
+of one shape reuse one buffer.
 
 Shapes are static and few: prompts are sorted by length and cut into batches of
 ``batch_size`` rows (short batches are filled with one-token dummy rows), each batch is
@@ -28,7 +29,8 @@ import numpy as np
 from scas_jax.errors import ScasError
 from scas_jax.generation.sampling import SamplingConfig, row_keys, sample_next
 from scas_jax.models.config import ModelConfig
-from scas_jax.models.kv_cache import cache_shape, init_cache, next_token_logits
+from scas_jax.models.kv_cache import (LAYOUTS, cache_shape, default_layout, init_cache, next_token_logits,
+                                      unstack_layers)
 
 # Padded prompt lengths: steps of 16 up to 256, of 32 up to 512, then about 1.25x apart.
 # Padding costs in proportion twice: in the compute-bound prefill and in every decode
@@ -89,6 +91,7 @@ def generate_tokens(
     sampling: SamplingConfig,
     dtype=jnp.float32,
     pad_id: int = 0,
+    layout: str = "stacked",
 ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
     """Prefill, then decode under ``lax.while_loop``.
 
@@ -97,22 +100,24 @@ def generate_tokens(
         on padding; every row has at least one valid token, the last).
       keys: uint32 ``[batch, 2]`` row keys (:func:`scas_jax.generation.sampling.row_keys`).
       stop_ids: int32 ``[n_stop]`` (n_stop >= 1; a stop id of -1 never matches).
-      cache: ``{"k", "v"}`` ``[layers, batch, kv_heads, max_len, head_dim]``, max_len >=
-        P + max_new_tokens; its old contents are never read.
+      cache: ``{"k", "v"}`` ``[layers, batch, kv_heads, max_len, head_dim]`` (``layout=
+        "per_layer"``: tuples of ``[batch, kv_heads, max_len, head_dim]``, and ``params``
+        from :func:`scas_jax.models.kv_cache.unstack_layers`), max_len >= P +
+        max_new_tokens; its old contents are never read.
     Returns:
       (out int32 ``[batch, max_new_tokens]`` (``pad_id`` after a row stopped), n int32
       ``[batch]`` tokens generated including the stop token, stopped bool ``[batch]``,
       the cache).
     """
     b, p = tokens.shape
-    max_len = cache["k"].shape[3]
+    max_len = cache["k"][0].shape[2] if layout == "per_layer" else cache["k"].shape[3]
     kv_valid = jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     prompt_len = valid.astype(jnp.int32).sum(axis=1)
     is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=1)  # noqa: E731
 
     logits, cache = next_token_logits(params, cfg, tokens, positions, cache, jnp.int32(0), kv_valid,
-                                      valid, prefill=True, dtype=dtype)
+                                      valid, prefill=True, dtype=dtype, layout=layout)
     tok = sample_next(logits, keys, jnp.int32(0), sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = is_stop(tok)
@@ -126,7 +131,7 @@ def generate_tokens(
         step, tok, out, done, n, cache = state
         pos = (prompt_len + step - 1)[:, None]
         logits, cache = next_token_logits(params, cfg, tok[:, None], pos, cache, p + step - 1, kv_valid,
-                                          dtype=dtype)
+                                          dtype=dtype, layout=layout)
         new = jnp.where(done, pad_id, sample_next(logits, keys, step, sampling))
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, step))
         n = n + (~done).astype(jnp.int32)
@@ -140,13 +145,21 @@ class Sampler:
     """Generate from token-id prompts with one set of parameters.
 
     ``batch_size`` rows per compiled call (rounded up to a multiple of the mesh's batch
-    shards); ``buckets``: the padded prompt lengths. ``compilations`` counts the compiled
-    loops; ``cache_shapes`` lists the cache shapes allocated.
+    shards); ``buckets``: the padded prompt lengths; ``layout``: the cache layout
+    (:mod:`scas_jax.models.kv_cache`; default by backend: ``"per_layer"`` on CPU, which
+    keeps an unstacked copy of the layer weights for the sampler's lifetime).
+    ``compilations`` counts the compiled loops; ``cache_shapes`` lists the cache shapes
+    allocated (:func:`~scas_jax.models.kv_cache.cache_shape`, both layouts).
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, *, mesh=None, dtype: str = "float32",
-                 batch_size: int = 16, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int = 0):
-        self.params, self.cfg, self.mesh = params, cfg, mesh
+                 batch_size: int = 16, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int = 0,
+                 layout: str | None = None):
+        self.layout = layout or default_layout()
+        if self.layout not in LAYOUTS:
+            raise ScasError(f"unknown cache layout {self.layout!r}; one of {', '.join(LAYOUTS)}")
+        self.params = unstack_layers(params) if self.layout == "per_layer" else params
+        self.cfg, self.mesh = cfg, mesh
         self.dtype = jnp.dtype(dtype)
         divisor = 1
         if mesh is not None:
@@ -177,8 +190,9 @@ class Sampler:
 
             from scas_jax.parallel import BATCH_AXES
 
-            kw["out_shardings"] = NamedSharding(self.mesh, P(None, BATCH_AXES))
-        make = jax.jit(lambda: init_cache(self.cfg, batch, max_len, self.dtype), **kw)
+            spec = P(BATCH_AXES) if self.layout == "per_layer" else P(None, BATCH_AXES)
+            kw["out_shardings"] = NamedSharding(self.mesh, spec)
+        make = jax.jit(lambda: init_cache(self.cfg, batch, max_len, self.dtype, self.layout), **kw)
         self.cache_shapes.append(cache_shape(self.cfg, batch, max_len))
         return make()
 
@@ -190,7 +204,7 @@ class Sampler:
                 lambda params, tokens, valid, keys, stop_ids, cache: generate_tokens(
                     params, tokens, valid, keys, stop_ids, cache, cfg=self.cfg,
                     max_new_tokens=max_new_tokens, sampling=sampling, dtype=self.dtype,
-                    pad_id=self.pad_id),
+                    pad_id=self.pad_id, layout=self.layout),
                 donate_argnums=(5,),
             )
             self._compiled[key] = fn.lower(*args).compile()

@@ -1,10 +1,21 @@
 """The decoder with a key/value cache: prefill and one-token decode steps for generation.
 
-The cache is one pair of arrays holding every layer (the layer scan's stacked axis
-first), so a step runs the same ``lax.scan`` over layers as
-:func:`scas_jax.models.decoder.decode`::
+Two layouts of the same cache, chosen by backend (:func:`default_layout`):
 
-    cache["k"], cache["v"]: [num_layers, batch, num_kv_heads, max_len, head_dim]
+- ``"stacked"`` (accelerators): one pair of arrays holding every layer (the layer
+  scan's stacked axis first), and a step runs the same ``lax.scan`` over layers as
+  :func:`scas_jax.models.decoder.decode`::
+
+      cache["k"], cache["v"]: [num_layers, batch, num_kv_heads, max_len, head_dim]
+
+- ``"per_layer"`` (CPU): one buffer per layer (``cache["k"][i]``: ``[batch,
+  num_kv_heads, max_len, head_dim]``), the layers unrolled, with their parameters
+  unstacked once (:func:`unstack_layers`). On XLA's CPU backend every layer's slice of
+  a stacked array (weights and cache) is copied out before a dot reads it; a decode
+  step is bound by reading the weights and the cache once, so those copies cost a
+  third of the step. Here nothing is sliced: a decode step writes the new key/value
+  into the layer's own buffer first (in place, the old buffer has no other reader)
+  and attends over the buffer.
 
 A call with ``T`` new tokens per row (the prompt in the prefill, one token per decode
 step) attends over the cached slots before ``index`` and over the new tokens
@@ -35,22 +46,43 @@ import jax.numpy as jnp
 from scas_jax.models.attention import _NEG
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import logits_from_hidden
-from scas_jax.models.layers import MLP, _dense, embed, layer_xs, norm_for, project_qkv, rope_for_layers
+from scas_jax.models.layers import (MLP, NO_WINDOW, _dense, embed, layer_xs, norm_for, project_qkv,
+                                   rope_for_layers)
+
+LAYOUTS = ("stacked", "per_layer")
+
+
+def default_layout(backend: str | None = None) -> str:
+    """``"per_layer"`` on CPU, ``"stacked"`` elsewhere (see the module docstring)."""
+    return "per_layer" if (backend or jax.default_backend()) == "cpu" else "stacked"
+
+
+def unstack_layers(params: dict) -> dict:
+    """``params`` with ``"layers"`` as a tuple of per-layer trees (a copy of the layer
+    weights; the ``"per_layer"`` layout's parameters)."""
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n))}
 
 
 def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
-    """``(num_layers, batch, num_kv_heads, max_len, head_dim)``."""
+    """``(num_layers, batch, num_kv_heads, max_len, head_dim)`` (per layer: without the first)."""
     return (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Zeroed ``{"k", "v"}`` of :func:`cache_shape`."""
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, layout: str = "stacked") -> dict:
+    """Zeroed ``{"k", "v"}``: arrays of :func:`cache_shape` (``"stacked"``) or tuples of
+    ``num_layers`` arrays of ``cache_shape[1:]`` (``"per_layer"``)."""
     shape = cache_shape(cfg, batch, max_len)
+    if layout == "per_layer":
+        return {n: tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0])) for n in ("k", "v")}
+    if layout != "stacked":
+        raise ValueError(f"unknown cache layout {layout!r}; one of {LAYOUTS}")
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> int:
-    """Bytes of one cache (keys and values)."""
+    """Bytes of one cache (keys and values; the same in both layouts)."""
     n = 1
     for d in cache_shape(cfg, batch, max_len):
         n *= d
@@ -98,6 +130,27 @@ def cached_attention(q, k_new, v_new, k_cache, v_cache, kv_valid, new_valid, ind
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q.dtype)
 
 
+def attend_cache(q, k_cache, v_cache, kv_valid, index, sliding_window):
+    """Attention of ``T`` queries at slots ``index .. index+T-1`` over a cache that
+    already holds their own keys and values.
+
+    q ``[batch, T, heads, head_dim]``; k_cache/v_cache ``[batch, kv_heads, max_len,
+    head_dim]``; kv_valid ``bool[batch, max_len]``. Returns ``[batch, T, heads, head_dim]``.
+    """
+    b, t, h, d = q.shape
+    kvh = k_cache.shape[1]
+    qg = jnp.moveaxis(q.reshape(b, t, kvh, h // kvh, d), 1, 3) * jnp.asarray(d**-0.5, q.dtype)  # b k g t d
+    slots = jnp.arange(k_cache.shape[2])
+    q_slot = index + jnp.arange(t)
+    ok = kv_valid[:, None, :] & (slots[None, None, :] <= q_slot[None, :, None])  # b t s
+    if sliding_window is not None:
+        ok &= (q_slot[None, :, None] - slots[None, None, :]) < sliding_window
+    s = jnp.einsum("bkgtd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(jnp.where(ok[:, None, None], s, _NEG), axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v_cache, preferred_element_type=jnp.float32)
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d).astype(q.dtype)
+
+
 class CachedAttention(nn.Module):
     """The parameters of :class:`scas_jax.models.layers.Attention`, run against a cache."""
 
@@ -105,18 +158,27 @@ class CachedAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     use_cache: bool = True
+    write_first: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None):
-        """``x [batch, T, d_model]``; this layer's caches ``[batch, kv_heads, max_len, head_dim]``
-        (read only). Returns (``[batch, T, d_model]``, the new keys and values
-        ``[batch, kv_heads, T, head_dim]`` for the caller to write at ``index``)."""
+        """``x [batch, T, d_model]``; this layer's caches ``[batch, kv_heads, max_len, head_dim]``.
+        Returns (``[batch, T, d_model]``, k, v): the new keys and values ``[batch,
+        kv_heads, T, head_dim]`` for the caller to write at ``index`` (the caches are only
+        read), or with ``write_first`` the caches with them written at ``index`` (the
+        attention then reads the updated caches)."""
         c, b, t = self.cfg, x.shape[0], x.shape[1]
         q, k, v = project_qkv(c, x, cos, sin, self.dtype, self.param_dtype)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, T, head_dim]
-        out = cached_attention(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), kv_valid,
-                               new_valid, index, c.sliding_window if window is None else window,
-                               self.use_cache)
+        window = c.sliding_window if window is None else window
+        if self.write_first:
+            at = (0, 0, index, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+            out = attend_cache(q, k.astype(self.dtype), v.astype(self.dtype), kv_valid, index, window)
+        else:
+            out = cached_attention(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), kv_valid,
+                                   new_valid, index, window, self.use_cache)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
         return _dense(c.hidden_size, c.o_bias, self.dtype, self.param_dtype, "o_proj")(out), k, v
 
@@ -128,12 +190,14 @@ class CachedDecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     use_cache: bool = True
+    write_first: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None):
         c = self.cfg
         norm = lambda n: norm_for(c, self.dtype, self.param_dtype, n)  # noqa: E731
-        attn = CachedAttention(c, self.dtype, self.param_dtype, self.use_cache, name="self_attn")
+        attn = CachedAttention(c, self.dtype, self.param_dtype, self.use_cache, self.write_first,
+                               name="self_attn")
         a, k, v = attn(norm("input_layernorm")(x), cos, sin, k_cache, v_cache, index, kv_valid, new_valid,
                        window)
         mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
@@ -200,12 +264,52 @@ def decode_with_cache(
     return x, cache
 
 
+def decode_per_layer(
+    params: dict,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: dict,
+    index: jax.Array,
+    kv_valid: jax.Array,
+    new_valid: jax.Array | None = None,
+    *,
+    prefill: bool = False,
+    dtype=jnp.float32,
+) -> tuple[jax.Array, dict]:
+    """:func:`decode_with_cache` for the ``"per_layer"`` layout: ``params`` from
+    :func:`unstack_layers`, ``cache`` from ``init_cache(..., layout="per_layer")``; the
+    layers are unrolled (each layer's window and RoPE table are static). The prefill
+    attends over the prompt alone and then writes it; a decode step writes first and
+    attends over the layer's buffer (no buffer is copied)."""
+    norm_dtype = params["norm"]["scale"].dtype
+    layer = CachedDecoderLayer(cfg, dtype, norm_dtype, use_cache=not prefill, write_first=not prefill)
+    rope = rope_for_layers(cfg, positions)
+    x = embed(params, cfg, tokens, dtype)
+    if new_valid is None:
+        new_valid = jnp.ones(tokens.shape, bool)
+    ks, vs = list(cache["k"]), list(cache["v"])
+    for i, p in enumerate(params["layers"]):
+        local = cfg.per_layer and cfg.layer_types[i] == "sliding"
+        window = ((cfg.sliding_window or NO_WINDOW) if local else NO_WINDOW) if cfg.per_layer else None
+        cos, sin = rope(local)
+        x, k, v = layer.apply({"params": p}, x, cos, sin, ks[i], vs[i], index, kv_valid, new_valid, window)
+        if prefill:
+            k = jax.lax.dynamic_update_slice(ks[i], k.astype(ks[i].dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(vs[i], v.astype(vs[i].dtype), (0, 0, index, 0))
+        ks[i], vs[i] = k, v
+    x = norm_for(cfg, dtype, norm_dtype).apply({"params": params["norm"]}, x)
+    return x, {"k": tuple(ks), "v": tuple(vs)}
+
+
 def next_token_logits(
     params: dict, cfg: ModelConfig, tokens, positions, cache, index, kv_valid, new_valid=None, *,
-    prefill: bool = False, dtype=jnp.float32,
+    prefill: bool = False, dtype=jnp.float32, layout: str = "stacked",
 ) -> tuple[jax.Array, dict]:
     """float32 logits ``[batch, vocab]`` of the token after the *last* new token of each
-    row, and the updated cache (see :func:`decode_with_cache`)."""
-    hidden, cache = decode_with_cache(params, cfg, tokens, positions, cache, index, kv_valid, new_valid,
-                                      prefill=prefill, dtype=dtype)
+    row, and the updated cache (:func:`decode_with_cache`, or :func:`decode_per_layer`
+    for ``layout="per_layer"``)."""
+    run = decode_per_layer if layout == "per_layer" else decode_with_cache
+    hidden, cache = run(params, cfg, tokens, positions, cache, index, kv_valid, new_valid,
+                        prefill=prefill, dtype=dtype)
     return logits_from_hidden(params, cfg, hidden[:, -1:])[:, 0], cache
