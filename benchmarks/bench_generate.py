@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="timed calls of each side (the best is reported)")
     ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--layouts", default="per_layer,stacked",
+                    help="sampler cache layouts to time, comma-separated; the first is the headline")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -72,23 +74,30 @@ def main() -> None:
     result["prompt_tokens"] = {"min": min(map(len, prompts)), "max": max(map(len, prompts))}
     n_tokens = args.batch * args.new_tokens
 
-    sampler = Sampler(st.params, st.cfg, batch_size=args.batch)
-    t = time.perf_counter()
-    ours = sampler.generate(prompts, max_new_tokens=args.new_tokens, stop_ids=())
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(args.repeats):
+    outputs = {}
+    for layout in args.layouts.split(","):
+        sampler = Sampler(st.params, st.cfg, batch_size=args.batch, layout=layout)
         t = time.perf_counter()
         ours = sampler.generate(prompts, max_new_tokens=args.new_tokens, stop_ids=())
-        times.append(time.perf_counter() - t)
-    shape = sampler.cache_shapes[-1]
-    result["scas_jax"] = {
-        "first_call_s": round(first, 2), "timed_s": [round(x, 2) for x in times],
-        "tokens_per_s": round(n_tokens / min(times), 1), "compilations": sampler.compilations,
-        "kv_cache_shape": list(shape),
-        "kv_cache_mib": round(cache_bytes(st.cfg, shape[1], shape[3]) / 2**20, 1),
-    }
-    print("scas_jax", result["scas_jax"], flush=True)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            ours = sampler.generate(prompts, max_new_tokens=args.new_tokens, stop_ids=())
+            times.append(time.perf_counter() - t)
+        shape = sampler.cache_shapes[-1]
+        key = "scas_jax" if not outputs else f"scas_jax_{layout}"
+        result[key] = {
+            "layout": layout, "first_call_s": round(first, 2), "timed_s": [round(x, 2) for x in times],
+            "tokens_per_s": round(n_tokens / min(times), 1), "compilations": sampler.compilations,
+            "kv_cache_shape": list(shape),
+            "kv_cache_mib": round(cache_bytes(st.cfg, shape[1], shape[3]) / 2**20, 1),
+        }
+        outputs[layout] = ours
+        print(key, result[key], flush=True)
+        del sampler
+    ours = next(iter(outputs.values()))
+    result["layouts_identical"] = all(o == ours for o in outputs.values())
 
     from transformers import AutoModelForCausalLM
 
