@@ -2,7 +2,7 @@
 
 Each sequence goes to the smallest *bucket* length that holds it; within a bucket,
 sequences are packed first-fit-decreasing into rows (at most ``max_segments`` per
-row), and rows are grouped into batches of ``batch_tokens // bucket`` rows (rounded
+row; :func:`first_fit`, ``O(n log n)``), and rows are grouped into batches of ``batch_tokens // bucket`` rows (rounded
 up to ``row_multiple``, e.g. the mesh's data-parallel size). Every batch of a bucket
 has the same shape, so the jitted scorer compiles at most once per bucket.
 
@@ -39,6 +39,44 @@ def bucket_lengths(max_length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) ->
     return [b for b in buckets if b < max_length] + [max_length]
 
 
+def first_fit(sizes: Sequence[int], capacity: int, max_segments: int) -> list[list[int]]:
+    """First fit, in ``O(n log n)``: item ``j`` (in the given order) goes to the first row
+    (in opening order) with room ``>= sizes[j]`` and fewer than ``max_segments`` items,
+    or opens a new row. Returns the rows as lists of item positions.
+
+    The same placement as scanning the rows one by one, found by descending a max-tree
+    of the rows' free room (a full row has room -1). Every row not opened yet has room
+    ``capacity``, so the first row that fits is either an open row or the next new one.
+    Every size must be in ``1..capacity``.
+    """
+    n = len(sizes)
+    if n == 0:
+        return []
+    leaves = 1
+    while leaves < n:
+        leaves *= 2
+    tree = [capacity] * (2 * leaves)  # tree[1] is the root; leaves at [leaves, 2 * leaves)
+    count = [0] * n
+    rows: list[list[int]] = []
+    for j, size in enumerate(sizes):
+        if not 0 < size <= capacity:
+            raise ValueError(f"item {j}: size {size} outside 1..{capacity}")
+        node = 1
+        while node < leaves:  # the leftmost leaf with room >= size
+            node = 2 * node if tree[2 * node] >= size else 2 * node + 1
+        r = node - leaves
+        if r == len(rows):
+            rows.append([])
+        rows[r].append(j)
+        count[r] += 1
+        tree[node] = tree[node] - size if count[r] < max_segments else -1
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return rows
+
+
 def plan_batches(
     lengths: Sequence[int],
     *,
@@ -59,17 +97,8 @@ def plan_batches(
     plans = []
     for b in sorted(by_bucket):
         order = sorted(by_bucket[b], key=lambda i: (-lengths[i], i))
-        rows: list[list[int]] = []
-        free: list[int] = []
-        for i in order:  # first fit decreasing
-            for r, room in enumerate(free):
-                if room >= lengths[i] and len(rows[r]) < max_segments:
-                    rows[r].append(i)
-                    free[r] -= lengths[i]
-                    break
-            else:
-                rows.append([i])
-                free.append(b - lengths[i])
+        rows = first_fit([lengths[i] for i in order], b, max_segments)
+        rows = [[order[j] for j in row] for row in rows]
         per_batch = max(1, batch_tokens // b)
         per_batch = -(-per_batch // row_multiple) * row_multiple
         for k in range(0, len(rows), per_batch):
