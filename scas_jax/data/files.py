@@ -11,6 +11,13 @@ File naming lives in :mod:`scas_jax.data.layout`; this module applies it to a di
 
 Hidden files (names starting with ``.``), directories and files of other extensions
 are ignored.
+
+A directory may also be a TFDS dataset built by ``scas-jax dataset build``
+(:mod:`scas_jax.data.tfds_pool`): the data dir, ``<name>`` or ``<name>/<version>``
+(:func:`find_dataset_dir`). Its teachers are then the source files it was built from
+(same names, kinds and sha256); :func:`iter_rows` yields a teacher's rows, from a JSONL
+file or from the dataset alike, and every stage reads pool rows through it.
+tensorflow_datasets is imported only when a directory is such a dataset.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 from scas_jax.data.layout import CANDIDATE_SUFFIXES, SCORE_SUFFIX, is_score_file, teacher_from_filename
 from scas_jax.errors import ScasError
@@ -48,6 +55,64 @@ class PoolFile:
     skipped_unverified: int = 0
     errors: int = 0
     rows_without_id: int = 0
+    # set for a teacher of a TFDS dataset (path is then <version dir>/<source file name>)
+    dataset: Any = None  # scas_jax.data.tfds_pool.TeacherSlice
+    sha256: str | None = None  # hex sha256 of the source file (TFDS teachers)
+
+
+INFO_FILES = ("dataset_info.json", "features.json")
+
+
+def _is_version_dir(d: Path) -> bool:
+    return (all((d / f).is_file() for f in INFO_FILES)
+            and any(".array_record" in p.name for p in d.iterdir()))
+
+
+def find_dataset_dir(directory: str | Path) -> Path | None:
+    """The version directory of the one TFDS dataset at ``directory`` (itself, a
+    ``<version>`` or a ``<name>/<version>`` below it: ``dataset_info.json``,
+    ``features.json`` and array_record files), else None. Reads no dataset and imports no
+    TFDS. ScasError when several datasets are found."""
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    if _is_version_dir(d):
+        return d
+    found = []
+    for child in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if _is_version_dir(child):
+            found.append(child)
+            continue
+        found += [g for g in sorted(child.iterdir())
+                  if g.is_dir() and not g.name.startswith(".") and _is_version_dir(g)]
+    if len(found) > 1:
+        shown = ", ".join(str(f.relative_to(d)) for f in found)
+        raise ScasError(f"{d} holds several TFDS datasets ({shown}): pass the directory of one")
+    return found[0] if found else None
+
+
+def _dataset_files(version_dir: Path, kind: str) -> list[PoolFile]:
+    from scas_jax.data.tfds_pool import teacher_slices
+
+    return [PoolFile(version_dir / s.file, s.teacher, kind, dataset=s, sha256=s.sha256)
+            for s in teacher_slices(version_dir) if s.kind == kind]
+
+
+def iter_rows(pf: PoolFile, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of a teacher file: :func:`scas_jax.data.jsonl.iter_jsonl` of
+    its JSONL file, or the same rows from the TFDS dataset it was built into."""
+    if pf.dataset is not None:
+        return pf.dataset.iter_rows(limit)
+    from scas_jax.data.jsonl import iter_jsonl
+
+    return iter_jsonl(pf.path, limit)
+
+
+def input_sha256(pf: PoolFile) -> str:
+    """Hex sha256 of a teacher file's bytes (of its source file, for a TFDS teacher)."""
+    if pf.sha256 is not None:
+        return pf.sha256
+    return sha256_file(pf.path).split(":", 1)[1]
 
 
 def check_dir(directory: str | Path, role: str = "input") -> Path:
@@ -69,6 +134,9 @@ def _jsonl_files(directory: Path) -> list[Path]:
 
 def find_candidate_files(directory: str | Path, role: str = "candidate") -> tuple[list[PoolFile], list[Path]]:
     """``(candidate files sorted by teacher, shadowed files)`` of ``directory``."""
+    dataset = find_dataset_dir(check_dir(directory, role))
+    if dataset is not None:
+        return sorted(_dataset_files(dataset, CANDIDATES), key=lambda f: f.teacher), []
     paths = _jsonl_files(check_dir(directory, role))
     chosen: dict[str, Path] = {}
     shadowed: list[Path] = []
@@ -91,6 +159,9 @@ def discover_candidate_files(directory: str | Path) -> list[PoolFile]:
 
 def discover_score_files(directory: str | Path) -> list[PoolFile]:
     """``*_scas_scores.jsonl`` files of ``directory``, sorted by file name."""
+    dataset = find_dataset_dir(check_dir(directory))
+    if dataset is not None:
+        return sorted(_dataset_files(dataset, SCORES), key=lambda f: f.path.name)
     return [
         PoolFile(p, teacher_from_filename(p.name), SCORES)
         for p in _jsonl_files(check_dir(directory))
@@ -113,7 +184,9 @@ def require_score_files(directory: str | Path) -> list[PoolFile]:
     """Score files of ``directory``; an error naming what was found instead when none."""
     files = discover_score_files(directory)
     if not files:
-        others = [p.name for p in _jsonl_files(Path(directory))]
+        dataset = find_dataset_dir(directory)
+        others = ([f.path.name for f in _dataset_files(dataset, CANDIDATES)] if dataset is not None
+                  else [p.name for p in _jsonl_files(Path(directory))])
         hint = f" (found {', '.join(others[:5])}{'...' if len(others) > 5 else ''}: candidate files, not scores)" if others else ""
         raise ScasError(f"no *{SCORE_SUFFIX} score files in {directory}{hint}")
     return files

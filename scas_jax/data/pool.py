@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from scas_jax.data.files import PoolFile, find_candidate_files
-from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.files import PoolFile, find_candidate_files, iter_rows
 from scas_jax.data.layout import teacher_from_filename
 from scas_jax.data.rows import (
     Candidate,
@@ -97,7 +96,7 @@ class Pool:
 
 
 def read_pool_file(
-    path: Path | str,
+    path: Path | str | PoolFile,
     *,
     include_unverified: bool = False,
     limit: int | None = None,
@@ -106,16 +105,18 @@ def read_pool_file(
 ) -> PoolFile:
     """Read and validate one teacher file.
 
-    ``teacher`` overrides the file-level name (default: from the path). When
-    ``ids_seen`` is given, every id read is recorded as ``ids_seen[id_key] |= {teacher}``.
+    ``path`` is a JSONL file or a discovered :class:`PoolFile` (which may be a teacher of
+    a TFDS dataset). ``teacher`` overrides the file-level name (default: from the path).
+    When ``ids_seen`` is given, every id read is recorded as ``ids_seen[id_key] |= {teacher}``.
     """
-    path = Path(path)
+    source = path if isinstance(path, PoolFile) else PoolFile(Path(path), "")
+    path = source.path
     if limit is not None and limit < 0:
         raise ScasError(f"limit must be >= 0, got {limit}")
-    teacher = teacher or teacher_from_filename(path)
+    teacher = teacher or source.teacher or teacher_from_filename(path)
     first_line: dict[str, int] = {}
-    out = PoolFile(path=path, teacher=teacher)
-    for line_no, row in iter_jsonl(path, limit):
+    out = PoolFile(path=path, teacher=teacher, dataset=source.dataset, sha256=source.sha256)
+    for line_no, row in iter_rows(source, limit):
         out.n_read += 1
         if row.get("id") is not None:
             key = id_key(row["id"])
@@ -161,7 +162,7 @@ def read_pool(
         raise ScasError(f"no candidate JSONL files in {directory}")
     ids_seen: dict[str, set[str]] = {}
     files = [
-        read_pool_file(f.path, include_unverified=include_unverified, limit=limit, teacher=f.teacher,
+        read_pool_file(f, include_unverified=include_unverified, limit=limit, teacher=f.teacher,
                        ids_seen=ids_seen)
         for f in found
     ]

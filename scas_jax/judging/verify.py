@@ -18,8 +18,7 @@ from typing import Any
 
 from scas_jax import __version__
 from scas_jax.errors import ScasError
-from scas_jax.data.files import discover_pool, sha256_file
-from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.files import discover_pool, input_sha256, iter_rows
 from scas_jax.data.rows import row_answer, row_teacher
 from scas_jax.data.verdicts import correctness_at
 from scas_jax.io_utils import publish_dir
@@ -82,7 +81,7 @@ def verify(
     rows_total = with_reference = 0
     for pf in files:
         rows = []
-        for line_no, row in iter_jsonl(pf.path):
+        for line_no, row in iter_rows(pf):
             rows_total += 1
             before = correctness_at(row, f"{pf.path}:{line_no}")  # the flag the row came with
             verdict = judge_row(row, answer_field, reference_field)
@@ -154,7 +153,7 @@ def _manifest(input_dir, output_dir, files, per_teacher, agreement, confusion, d
         "input_dir": str(input_dir),
         "output_dir": str(output_dir),
         "input_files": [str(input_dir / f.path.name) for f in files],
-        "input_checksums": {f.path.name: sha256_file(f.path) for f in files},
+        "input_checksums": {f.path.name: "sha256:" + input_sha256(f) for f in files},
         "rows": rows_total,
         "teachers": teachers,
         "agreement_with_input_flags": {

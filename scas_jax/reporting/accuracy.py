@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scas_jax.data.files import discover_pool
-from scas_jax.data.jsonl import iter_jsonl, read_json
+from scas_jax.data.files import discover_pool, iter_rows
+from scas_jax.data.jsonl import read_json
 from scas_jax.data.rows import id_key, row_teacher
 from scas_jax.data.verdicts import correctness_at, has_flag
 from scas_jax.errors import ScasError
@@ -65,7 +65,7 @@ def load_verified(directory: str | Path) -> VerifiedSet:
     counts: dict[str, Counter] = {}
     verdicts: dict[tuple[str, str], bool | None] = {}
     for pf in discover_pool(directory):
-        for line, row in iter_jsonl(pf.path):
+        for line, row in iter_rows(pf):
             where = f"{pf.path}:{line}"
             if not has_flag(row):
                 raise ScasError(f"{where}: no teacher_correct field; --verified expects the output "

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from scas_jax.data.files import PoolFile, discover_pool
+from scas_jax.data.files import PoolFile, discover_pool, iter_rows
 from scas_jax.data.jsonl import iter_jsonl, read_json
 from scas_jax.data.rows import id_key, row_answer, row_teacher
 from scas_jax.data.verdicts import correctness, correctness_at, has_flag
@@ -81,7 +81,7 @@ def load_scores(input_dir: str | Path) -> ScoreSet:
     files = discover_pool(input_dir)
     scores = ScoreSet(input_dir, files)
     for pf in files:
-        for line, row in iter_jsonl(pf.path):
+        for line, row in iter_rows(pf):
             teacher = str(row_teacher(row, pf.teacher))
             verdict = correctness_at(row, f"{pf.path}:{line}")
             scores.rows.setdefault(teacher, []).append(row)

@@ -235,10 +235,10 @@ def _plan(req: Request) -> Plan:
     """Identify the student and every candidate file by content; under
     ``--skip-existing``, keep the score files whose record matches (and say why the
     others are rescored)."""
-    from scas_jax.scoring.identity import file_sha256
+    from scas_jax.data.files import input_sha256
 
     student_id = _student_id(req)
-    records = {f.teacher: _teacher_record(req, student_id, file_sha256(f.path))
+    records = {f.teacher: _teacher_record(req, student_id, input_sha256(f))
                for f in req.pool.files}
     outputs = {f.teacher: req.output_dir / score_file_name(f.teacher) for f in req.pool.files}
     kept: dict[str, dict] = {}
@@ -275,6 +275,7 @@ def _manifest(req: Request, plan: Plan) -> dict[str, Any]:
     for f in req.pool.files:
         t = f.teacher
         entry = {"input": str(f.path), "output": str(plan.outputs[t]),
+                 **({"input_dataset": str(f.dataset.version_dir)} if f.dataset is not None else {}),
                  "status": "existing" if t in plan.kept else "scored",
                  "rows_read": f.n_read, "skipped_unverified": f.skipped_unverified,
                  "record": plan.records[t]}

@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from scas_jax import __version__
 from scas_jax.errors import ScasError
-from scas_jax.data.files import SCORES, discover_pool, require_score_files, sha256_file
+from scas_jax.data.files import SCORES, discover_pool, input_sha256, require_score_files
 from scas_jax.data.jsonl import read_json
 from scas_jax.io_utils import publish_dir, publish_files
 from scas_jax.selection.candidates import Pool, drop_unverified, load_pool, skip_summary
@@ -165,7 +165,7 @@ def select(
         "input_dir": str(input_dir),
         "input_kind": files[0].kind,
         "input_files": [str(input_dir / f.path.name) for f in files],
-        "input_checksums": {f.path.name: sha256_file(f.path) for f in files},
+        "input_checksums": {f.path.name: "sha256:" + input_sha256(f) for f in files},
         "rows_read": pool.rows_read,
         "candidates": pool.candidates,
         "skipped": dict(sorted(pool.skipped.items())),

@@ -17,8 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from scas_jax.data.files import PoolFile
-from scas_jax.data.jsonl import iter_jsonl
+from scas_jax.data.files import PoolFile, iter_rows
 from scas_jax.data.rows import (
     MISSING_SCORE,
     NON_FINITE_SCORE,
@@ -79,7 +78,7 @@ def load_pool(
     items: dict[str, list[Candidate]] = {}
     key_seen = False
     for pf in files:
-        for line_no, row in iter_jsonl(pf.path):
+        for line_no, row in iter_rows(pf):
             pool.rows_read += 1
             source = f"{pf.path}:{line_no}"
             verdict = correctness_at(row, source)  # an invalid flag is an error in every mode
@@ -119,7 +118,7 @@ def numeric_fields(files: Iterable[PoolFile], max_rows: int = 20) -> list[str]:
     """Fields holding finite numbers in the first rows of each file (for error hints)."""
     found: set[str] = set()
     for pf in files:
-        for i, (_, row) in enumerate(iter_jsonl(pf.path)):
+        for i, (_, row) in enumerate(iter_rows(pf)):
             if i >= max_rows:
                 break
             found.update(
