@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "scas_jax.generation.commands",  # generate
     "scas_jax.evaluation.commands",  # evaluate
     "scas_jax.experiment.commands",  # experiment
+    "scas_jax.data.dataset_commands",  # dataset build (TFDS; imported only when it runs)
 )
 # Subcommands that touch JAX devices: they take the multi-process start-up flags and
 # start the process group (scas_jax.distributed) before they run.

@@ -146,6 +146,12 @@ def _base_builder():
             self._description = description
             super().__init__(file_format="array_record", **kwargs)
 
+        def _log_download_done(self):  # it would name the temporary build dir
+            pass
+
+        def _log_download_bytes(self):
+            pass
+
         def _info(self):
             metadata = tfds.core.MetadataDict(format=self._fmt, teachers=[])
             return tfds.core.DatasetInfo(
