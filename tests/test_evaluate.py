@@ -65,6 +65,7 @@ def test_evaluate_writes_predictions_metrics_and_pool_nll(tiny):
     assert m["questions"] == 3 and m["undecided"] >= m["truncated"]
     assert m["correct"] + m["incorrect"] + m["undecided"] == 3
     assert len(m["accuracy_ci95"]) == 2 and m["bootstrap"]["seed"] == 0
+    assert m["chat_template"] == "tokenizer"  # the student's own
 
     nll = m["answer_nll"]
     assert nll["pool_rows"] == {"read": 7, "other_questions": 1, "unverified": 2, "verified_by_flag": 2,
@@ -130,3 +131,56 @@ def test_evaluate_cli(tiny, capsys):
     assert main(["evaluate", "--student", str(tiny["root"] / "nothing"), "--questions",
                  str(tiny["questions"]), "--output-dir", str(tiny["root"] / "cli2")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_evaluate_chat_template_builds_prompts_scores_the_pool_and_is_recorded(tiny, tmp_path, monkeypatch):
+    """A student without a template: the default is an error naming --chat-template;
+    ``plain`` builds the plain prompts (and scores the pool's answers after them),
+    ``chatml`` (CLI) the ChatML ones; metrics.json records the template."""
+    from transformers import AutoTokenizer
+
+    from scas_jax.cli import main
+    from scas_jax.data.chat import with_chat_template
+    from scas_jax.evaluation.evaluate import evaluate
+    from scas_jax.generation import sampler as sampler_mod
+    from scas_jax.loader import load_student
+    from scas_jax.scoring.scorer import score_rows
+
+    student = tmp_path / "bare"
+    shutil.copytree(tiny["student"], student)
+    for f in student.glob("chat_template.*"):
+        f.unlink()
+    cfg = json.loads((student / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (student / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(str(student))
+    assert not tok.chat_template
+    with pytest.raises(ScasError, match="has no chat template; name one with --chat-template"):
+        evaluate(student, tiny["questions"], tmp_path / "none", max_new_tokens=2)
+
+    prompts: list[list[list[int]]] = []
+    original = sampler_mod.Sampler.generate
+
+    def spy(self, ids, **kw):
+        prompts.append([list(map(int, p)) for p in ids])
+        return original(self, ids, **kw)
+
+    monkeypatch.setattr(sampler_mod.Sampler, "generate", spy)
+    m = evaluate(student, tiny["questions"], tmp_path / "plain", pool=tiny["pool"], max_new_tokens=3,
+                 batch_size=4, chat_template="plain")
+    texts = [f"You are a helpful assistant.\n\nQuestion: What is {i} + 1?\nAnswer:\n" for i in range(3)]
+    assert prompts[0] == [list(ids) for ids in tok(texts)["input_ids"]]
+    assert json.loads((tmp_path / "plain" / "metrics.json").read_text())["chat_template"] == "plain"
+    st = load_student(student)
+    kept_a = [json.loads(line) for line in (tiny["pool"] / "a.jsonl").read_text().splitlines()][0:3:2]
+    want = np.mean([f["answer_mean_nll"] for f in score_rows(
+        st.params, st.cfg, with_chat_template(st.tokenizer, "plain"), kept_a)])
+    assert m["answer_nll"]["per_teacher"]["a"]["mean_nll"] == pytest.approx(want, rel=1e-6)
+
+    assert main(["evaluate", "--student", str(student), "--questions", str(tiny["questions"]),
+                 "--output-dir", str(tmp_path / "chatml"), "--max-new-tokens", "3", "--limit", "1",
+                 "--chat-template", "chatml"]) == 0
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is 0 + 1?"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    assert prompts[1] == [tok(text)["input_ids"]]
+    assert json.loads((tmp_path / "chatml" / "metrics.json").read_text())["chat_template"] == "chatml"

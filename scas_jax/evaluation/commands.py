@@ -8,6 +8,8 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``evaluate`` subcommand."""
+    from scas_jax.data.chat import CHAT_TEMPLATE_FLAG, CHAT_TEMPLATE_HELP
+
     p = subparsers.add_parser(
         "evaluate",
         help="evaluate a student: greedy answers judged by the rule judge, accuracy, answer NLL",
@@ -33,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--tokenizer", default=None,
                    help="where to read the tokenizer when --student is a training checkpoint without one")
+    p.add_argument(CHAT_TEMPLATE_FLAG, dest="chat_template", default=None,
+                   metavar="chatml|gemma|plain|FILE.jinja", help=CHAT_TEMPLATE_HELP)
     p.add_argument("--bootstrap-samples", type=int, default=1000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
@@ -46,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     m = evaluate(args.student, args.questions, args.output_dir, pool=args.pool,
                  max_new_tokens=args.max_new_tokens, limit=args.limit, mesh=args.mesh,
                  batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer,
+                 chat_template=args.chat_template,
                  bootstrap_samples=args.bootstrap_samples, seed=args.seed, overwrite=args.overwrite,
                  progress=True)
     lo, hi = m["accuracy_ci95"]

@@ -16,7 +16,13 @@
    ``is_correct``) says correct; a pool without flags is judged on the fly. Rows match a
    question by ``question_id`` (``generate --samples K``) else ``id``.
 
-Inputs are checked (questions file, pool files, student path) before the model loads;
+``chat_template`` (``--chat-template chatml|gemma|plain|FILE.jinja``) replaces the
+student's template before the prompts are built and the pool's answers are scored (a base
+model has none; without the flag such a student is an error naming it); stop tokens as
+in ``generate`` (:func:`scas_jax.generation.prompts.generation_stop_ids`). ``metrics.json``
+records it as ``chat_template`` (``"tokenizer"``: the student's own).
+
+Inputs are checked (questions file, pool files, student path, template) before the model loads;
 outputs appear together, atomically (a non-empty ``output_dir`` needs ``overwrite``).
 """
 
@@ -73,6 +79,7 @@ def evaluate(
     batch_size: int = 16,
     dtype: str = "float32",
     tokenizer: str | Path | None = None,
+    chat_template: str | None = None,
     bootstrap_samples: int = 1000,
     seed: int = 0,
     overwrite: bool = False,
@@ -80,9 +87,16 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``student`` on ``questions``; write ``predictions.jsonl`` and ``metrics.json``
     to ``output_dir``; return the metrics."""
+    import dataclasses
+
+    from scas_jax.data.chat import chat_template_label, with_chat_template
     from scas_jax.data.files import check_dir
-    from scas_jax.generation.prompts import prompt_ids, read_questions
-    from scas_jax.generation.sampler import Sampler, stop_token_ids
+    from scas_jax.generation.prompts import (
+        generation_stop_ids,
+        prompt_ids,
+        read_questions,
+    )
+    from scas_jax.generation.sampler import Sampler
     from scas_jax.generation.student import resolve_model
     from scas_jax.io_utils import publish_dir, refuse_non_empty
     from scas_jax.judging.verify import judge_row
@@ -96,6 +110,7 @@ def evaluate(
     if not overwrite:
         refuse_non_empty(output_dir)
     qs = read_questions(questions, limit)
+    template_label = chat_template_label(chat_template)
     pool_rows, pool_counts = ([], None)
     if pool is not None:
         pool_rows, pool_counts = _pool_rows(check_dir(pool, "--pool"), {q.key for q in qs})
@@ -104,9 +119,11 @@ def evaluate(
     t0 = time.time()
     mesh = mesh if not isinstance(mesh, (str, type(None))) else make_mesh(mesh or "data=-1")
     st = resolved.load(dtype, mesh)
-    tok = st.tokenizer
-    if tok is None:
+    if st.tokenizer is None:
         raise ScasError(f"{resolved.describe()}: the student has no tokenizer")
+    tok = with_chat_template(st.tokenizer, chat_template or None, name=str(resolved.describe()))
+    st = dataclasses.replace(st, tokenizer=tok)  # the pool's answers are scored after these prompts too
+    stop_ids = generation_stop_ids(tok, chat_template or None)
     sampler = Sampler(st.params, st.cfg, mesh=mesh, dtype=dtype, batch_size=batch_size)
     done = [0]
 
@@ -118,7 +135,7 @@ def evaluate(
             print(f"evaluate: {done[0]}/{len(qs)} questions answered", file=sys.stderr)
 
     gens = sampler.generate(prompt_ids(tok, qs), max_new_tokens=max_new_tokens,
-                            stop_ids=stop_token_ids(tok), on_batch=on_batch)
+                            stop_ids=stop_ids, on_batch=on_batch)
     gen_seconds = time.time() - t0
     predictions = []
     for q, g in zip(qs, gens):
@@ -135,7 +152,8 @@ def evaluate(
     tokens = sum(p["generated_tokens"] for p in predictions)
     metrics.update({
         "student": resolved.describe(), "questions_file": str(questions), "limit": limit,
-        "max_new_tokens": max_new_tokens, "dtype": dtype, "generated_tokens": tokens,
+        "max_new_tokens": max_new_tokens, "dtype": dtype, "chat_template": template_label,
+        "generated_tokens": tokens,
         "generation_seconds": round(gen_seconds, 3), "sampler_compilations": sampler.compilations,
         "seconds": round(time.time() - t0, 3),
     })

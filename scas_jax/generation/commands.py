@@ -17,6 +17,12 @@ times with other ``--seed`` and ``--teacher-name``: each run is then a teacher.)
 the row is kept, and ``verify`` leaves it undecided. ``DIR/<NAME>.generate.json``
 records the settings and counts (a ``.json`` file: pool readers ignore it).
 
+``--chat-template chatml|gemma|plain|FILE.jinja`` builds the prompts with that template
+instead of the tokenizer's own (a base model has none; see
+:mod:`scas_jax.generation.prompts` for prompts and stop tokens). The manifest records it
+as ``chat_template`` (``"tokenizer"`` by default); a named template is also one of the
+settings, so a rerun with another template never continues the old generations.
+
 Resumable: finished questions are journaled (:mod:`scas_jax.generation.journal`); a
 rerun with the same settings continues, a rerun with other settings is an error
 naming them, and a rerun after completion does nothing. Sampled answers do not depend
@@ -103,9 +109,15 @@ def generate(
     batch_size: int = 16,
     dtype: str = "float32",
     tokenizer: str | Path | None = None,
+    chat_template: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Generate answers (see the module docstring); returns the manifest."""
+    """Generate answers (see the module docstring); returns the manifest.
+
+    ``chat_template``: ``chatml``, ``gemma``, ``plain`` or a Jinja file (``--chat-template``)
+    for the prompts; None: the tokenizer's own (an error naming the flag when it has none).
+    """
+    from scas_jax.data.chat import chat_template_label
     from scas_jax.generation.prompts import read_questions
     from scas_jax.generation.sampling import SamplingConfig
     from scas_jax.generation.student import model_path_identity, resolve_model
@@ -114,6 +126,7 @@ def generate(
     _check(teacher_name, samples, max_new_tokens, limit, dtype)
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     qs = read_questions(questions, limit)  # file:line errors before any model loads
+    template_label = chat_template_label(chat_template)  # a missing FILE.jinja: before the model
     resolved = resolve_model(model, tokenizer)
     output_dir = Path(output_dir)
     settings = {
@@ -123,12 +136,14 @@ def generate(
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "max_new_tokens": int(max_new_tokens), "seed": int(seed), "dtype": dtype,
     }
+    if template_label != "tokenizer":  # settings of default runs stay as before (their journals resume)
+        settings["chat_template"] = template_label
     out_file = output_dir / f"{teacher_name}.jsonl"
     manifest_file = output_dir / f"{teacher_name}{MANIFEST_SUFFIX}"
     if out_file.exists():
         return _already_done(out_file, manifest_file, settings)
     return _run(resolved, qs, output_dir, out_file, manifest_file, settings, sampling, mesh,
-                batch_size, progress)
+                batch_size, progress, chat_template or None)
 
 
 def _already_done(out_file: Path, manifest_file: Path, settings: dict) -> dict:
@@ -146,10 +161,11 @@ def _already_done(out_file: Path, manifest_file: Path, settings: dict) -> dict:
 
 
 def _run(resolved, qs, output_dir: Path, out_file: Path, manifest_file: Path, settings: dict,
-         sampling, mesh, batch_size: int, progress: bool) -> dict:
+         sampling, mesh, batch_size: int, progress: bool, chat_template: str | None) -> dict:
+    from scas_jax.data.chat import with_chat_template
     from scas_jax.generation.journal import Journal
-    from scas_jax.generation.prompts import prompt_ids
-    from scas_jax.generation.sampler import Sampler, stop_token_ids
+    from scas_jax.generation.prompts import generation_stop_ids, prompt_ids
+    from scas_jax.generation.sampler import Sampler
     from scas_jax.io_utils import publish_files
     from scas_jax.parallel import is_main_process, make_mesh
 
@@ -163,7 +179,10 @@ def _run(resolved, qs, output_dir: Path, out_file: Path, manifest_file: Path, se
         if todo:
             mesh = mesh if not isinstance(mesh, (str, type(None))) else make_mesh(mesh or "data=-1")
             student = resolved.load(settings["dtype"], mesh)
-            tok = student.tokenizer
+            if student.tokenizer is None:
+                raise ScasError(f"{resolved.describe()}: the model has no tokenizer")
+            tok = with_chat_template(student.tokenizer, chat_template, name=str(resolved.describe()))
+            stop_ids = generation_stop_ids(tok, chat_template)
             prompts = prompt_ids(tok, todo)
             sampler = Sampler(student.params, student.cfg, mesh=mesh, dtype=settings["dtype"],
                               batch_size=batch_size)
@@ -186,12 +205,13 @@ def _run(resolved, qs, output_dir: Path, out_file: Path, manifest_file: Path, se
             sampler.generate([prompts[qi] for qi, _ in flat], max_new_tokens=settings["max_new_tokens"],
                              sampling=sampling, seed=settings["seed"],
                              row_ids=[_row_id(todo[qi].key, k) for qi, k in flat],
-                             stop_ids=stop_token_ids(tok), on_batch=on_batch)
+                             stop_ids=stop_ids, on_batch=on_batch)
             stats["compilations"] = sampler.compilations
         rows = [r for q in qs for r in journal.done[q.key]]
         elapsed = time.time() - t0
         manifest = {
             "command": "generate", "settings": settings, "output": out_file.name,
+            "chat_template": settings.get("chat_template", "tokenizer"),
             "questions": len(qs), "rows": len(rows), "resumed_questions": len(qs) - len(todo),
             "truncated": sum(1 for r in rows if r["truncated"]),
             "generated_tokens_this_run": stats["generated_tokens"],
@@ -209,6 +229,8 @@ def _run(resolved, qs, output_dir: Path, out_file: Path, manifest_file: Path, se
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``generate`` subcommand."""
+    from scas_jax.data.chat import CHAT_TEMPLATE_FLAG, CHAT_TEMPLATE_HELP
+
     p = subparsers.add_parser(
         "generate",
         help="answer a questions file with a model (KV-cache sampler); writes a teacher file",
@@ -237,6 +259,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute and parameter dtype")
     p.add_argument("--tokenizer", default=None,
                    help="where to read the tokenizer when --model is a training checkpoint without one")
+    p.add_argument(CHAT_TEMPLATE_FLAG, dest="chat_template", default=None,
+                   metavar="chatml|gemma|plain|FILE.jinja", help=CHAT_TEMPLATE_HELP)
     p.set_defaults(func=run)
     return p
 
@@ -245,7 +269,8 @@ def run(args: argparse.Namespace) -> int:
     m = generate(args.model, args.questions, args.output_dir, args.teacher_name, samples=args.samples,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                  max_new_tokens=args.max_new_tokens, seed=args.seed, mesh=args.mesh, limit=args.limit,
-                 batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer, progress=True)
+                 batch_size=args.batch_size, dtype=args.dtype, tokenizer=args.tokenizer,
+                 chat_template=args.chat_template, progress=True)
     where = Path(args.output_dir) / m["output"]
     if m.get("already_complete"):
         print(f"generate: {where} is already complete ({m['rows']} rows, same settings)")

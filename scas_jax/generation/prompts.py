@@ -11,6 +11,21 @@ The prompt is the chat template applied to ``[system, user]`` with
 the prompt that scoring and training put before an answer
 (:class:`scas_jax.data.chat.ChatEncoder`), so a generated answer reads, to every later
 stage, as if the student had written it after that prompt.
+
+``--chat-template chatml|gemma|plain|FILE.jinja`` (``generate`` and ``evaluate``, as for
+``score`` and ``train``) replaces the tokenizer's template before any prompt is built
+(:func:`scas_jax.data.chat.with_chat_template`); without it a tokenizer that has no
+template of its own (a base model) is an error naming the flag.
+
+Stop tokens (:func:`generation_stop_ids`): the sampler's
+:func:`~scas_jax.generation.sampler.stop_token_ids` (the tokenizer's EOS and every known
+end-of-turn token it has as one token), plus the end marker of a named template:
+``<|im_end|>`` for ``chatml`` and ``<end_of_turn>`` for ``gemma``, each of which must be
+a single token of the vocabulary (else generation could not stop at the end of a turn:
+an error naming the flag). ``plain`` has no end marker: its answers end with the
+tokenizer's EOS (the template that scoring and training use appends it), so EOS stops
+generation, and a tokenizer without EOS stops only at ``max_new_tokens``. A
+``FILE.jinja`` template gets the sampler's stop tokens unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +34,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
-from scas_jax.data.chat import build_messages
+from scas_jax.data.chat import CHAT_TEMPLATE_FLAG, build_messages, with_chat_template
 from scas_jax.data.jsonl import iter_jsonl
 from scas_jax.data.rows import id_key
 from scas_jax.errors import ScasError
@@ -64,10 +79,16 @@ def read_questions(path: str | Path, limit: int | None = None) -> list[Question]
     return out
 
 
-def prompt_texts(tokenizer: Any, questions: Sequence[Question]) -> list[str]:
-    """The chat-template prompt of each question (system + user + generation prompt)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ScasError("the student's tokenizer has no chat template; generation needs one")
+# The end-of-turn marker of each built-in template that has one (``plain`` ends with EOS).
+TEMPLATE_END_MARKERS = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>"}
+
+
+def prompt_texts(tokenizer: Any, questions: Sequence[Question],
+                 chat_template: str | None = None) -> list[str]:
+    """The chat-template prompt of each question (system + user + generation prompt),
+    with the template ``chat_template`` names (None: the tokenizer's own; ScasError
+    naming ``--chat-template`` when it has none)."""
+    tokenizer = with_chat_template(tokenizer, chat_template)
     texts = []
     for q in questions:
         messages = build_messages({"system": q.system, "instruction": q.instruction, "teacher_output": ""})
@@ -75,7 +96,27 @@ def prompt_texts(tokenizer: Any, questions: Sequence[Question]) -> list[str]:
     return texts
 
 
-def prompt_ids(tokenizer: Any, questions: Sequence[Question]) -> list[list[int]]:
+def prompt_ids(tokenizer: Any, questions: Sequence[Question],
+               chat_template: str | None = None) -> list[list[int]]:
     """Token ids of :func:`prompt_texts` (one batched tokenizer call)."""
-    texts = prompt_texts(tokenizer, questions)
+    texts = prompt_texts(tokenizer, questions, chat_template)
     return [list(map(int, ids)) for ids in tokenizer(texts)["input_ids"]]
+
+
+def generation_stop_ids(tokenizer: Any, chat_template: str | None = None) -> tuple[int, ...]:
+    """Stop ids for answers after prompts of ``chat_template`` (see the module docstring):
+    :func:`~scas_jax.generation.sampler.stop_token_ids` plus the template's end marker."""
+    from scas_jax.generation.sampler import stop_token_ids
+
+    ids = set(stop_token_ids(tokenizer))
+    marker = TEMPLATE_END_MARKERS.get(chat_template or "")
+    if marker is not None:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        tid = vocab.get(marker)
+        if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
+            raise ScasError(
+                f"{CHAT_TEMPLATE_FLAG} {chat_template}: the tokenizer has no single token "
+                f"{marker!r}, so generation could not stop at the end of a turn; use a template "
+                "whose end marker is a token of this tokenizer, or plain (stops at EOS)")
+        ids.add(int(tid))
+    return tuple(sorted(ids))
