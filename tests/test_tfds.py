@@ -75,6 +75,8 @@ def test_build_reads_back_every_row_in_order(tmp_path, capsys):
         p.name: file_sha256(p) for p in pool.glob("*.jsonl")}  # the sources' checksums
     assert not any(p.name.startswith(".") for p in (tmp_path / "data").iterdir())  # no temp left
     assert find_dataset_dir(pool) is None
+    build(pool, pool / "tfds")  # a dataset inside a JSONL pool never hides its files
+    assert [pf.dataset for pf in discover_pool(pool)] == [None] * 3
 
     from scas_jax.data.tfds_pool import build_pool_dataset
 

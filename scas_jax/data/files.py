@@ -14,7 +14,8 @@ are ignored.
 
 A directory may also be a TFDS dataset built by ``scas-jax dataset build``
 (:mod:`scas_jax.data.tfds_pool`): the data dir, ``<name>`` or ``<name>/<version>``
-(:func:`find_dataset_dir`). Its teachers are then the source files it was built from
+(:func:`find_dataset_dir`; looked for only when the directory holds no JSONL file, so a
+dataset built inside a JSONL pool directory never hides its files). Its teachers are then the source files it was built from
 (same names, kinds and sha256); :func:`iter_rows` yields a teacher's rows, from a JSONL
 file or from the dataset alike, and every stage reads pool rows through it.
 tensorflow_datasets is imported only when a directory is such a dataset.
@@ -134,10 +135,10 @@ def _jsonl_files(directory: Path) -> list[Path]:
 
 def find_candidate_files(directory: str | Path, role: str = "candidate") -> tuple[list[PoolFile], list[Path]]:
     """``(candidate files sorted by teacher, shadowed files)`` of ``directory``."""
-    dataset = find_dataset_dir(check_dir(directory, role))
+    paths = _jsonl_files(check_dir(directory, role))
+    dataset = None if paths else find_dataset_dir(directory)
     if dataset is not None:
         return sorted(_dataset_files(dataset, CANDIDATES), key=lambda f: f.teacher), []
-    paths = _jsonl_files(check_dir(directory, role))
     chosen: dict[str, Path] = {}
     shadowed: list[Path] = []
     for suffix in CANDIDATE_SUFFIXES:
@@ -159,12 +160,13 @@ def discover_candidate_files(directory: str | Path) -> list[PoolFile]:
 
 def discover_score_files(directory: str | Path) -> list[PoolFile]:
     """``*_scas_scores.jsonl`` files of ``directory``, sorted by file name."""
-    dataset = find_dataset_dir(check_dir(directory))
+    paths = _jsonl_files(check_dir(directory))
+    dataset = None if paths else find_dataset_dir(directory)
     if dataset is not None:
         return sorted(_dataset_files(dataset, SCORES), key=lambda f: f.path.name)
     return [
         PoolFile(p, teacher_from_filename(p.name), SCORES)
-        for p in _jsonl_files(check_dir(directory))
+        for p in paths
         if is_score_file(p)
     ]
 

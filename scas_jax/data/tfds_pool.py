@@ -294,7 +294,7 @@ class TeacherSlice:
         yield from iter_teacher_rows(self, limit)
 
 
-_SOURCES: dict[str, Any] = {}
+_SOURCES: dict[tuple, Any] = {}  # opened data sources, by directory and build
 
 
 def read_metadata(version_dir: str | Path) -> dict:
@@ -352,7 +352,9 @@ def _read_error(version_dir: Path, e: Exception) -> ScasError:
 def data_source(version_dir: str | Path):
     """The TFDS data source (random access) of a built dataset's ``train`` split."""
     version_dir = Path(version_dir)
-    key = str(version_dir.resolve())
+    info = version_dir / "dataset_info.json"
+    stamp = info.stat() if info.exists() else None  # a rebuilt dataset is opened afresh
+    key = (str(version_dir.resolve()), stamp and (stamp.st_mtime_ns, stamp.st_ino))
     if key not in _SOURCES:
         tfds = _tfds()
         try:
@@ -462,9 +464,8 @@ def gsm8k_data_source(data_dir: str | Path):
     return tfds.data_source(GSM8K_NAME, data_dir=str(data_dir), split=SPLIT)
 
 
-if os.environ.get("SCAS_JAX_NO_TFDS_REGISTER") != "1":
-    # importing this module registers the bundled dataset, as TFDS dataset modules do
-    try:
-        _register_gsm8k()
-    except ScasError:  # pragma: no cover - tensorflow_datasets missing
-        pass
+# importing this module registers the bundled dataset, as TFDS dataset modules do
+try:
+    _register_gsm8k()
+except ScasError:  # pragma: no cover - tensorflow_datasets missing: said when used
+    pass
