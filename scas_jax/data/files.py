@@ -109,6 +109,30 @@ def iter_rows(pf: PoolFile, limit: int | None = None) -> Iterator[tuple[int, dic
     return iter_jsonl(pf.path, limit)
 
 
+def dataset_file(path: str | Path, role: str = "input") -> PoolFile | None:
+    """The one source file of the TFDS dataset at ``path`` (a directory that holds no
+    JSONL file; see :func:`find_dataset_dir`), as a :class:`PoolFile` whose rows
+    :func:`iter_rows` reads through Grain; None when ``path`` is not such a directory.
+    A dataset built from several files (a pool) is an error naming ``role``: a file
+    input (``--data``, ``--questions``) takes a dataset of one file
+    (``scas-jax dataset build --data FILE``, or a pool of one teacher)."""
+    d = Path(path)
+    if not d.is_dir() or _jsonl_files(d):
+        return None
+    version = find_dataset_dir(d)
+    if version is None:
+        return None
+    from scas_jax.data.tfds_pool import teacher_slices
+
+    slices = teacher_slices(version)
+    if len(slices) != 1:
+        names = ", ".join(s.file for s in slices[:5]) + ("..." if len(slices) > 5 else "")
+        raise ScasError(f"{role} {path}: a dataset of {len(slices)} files ({names}); {role} takes a "
+                        "dataset of one file (scas-jax dataset build --data FILE)")
+    s = slices[0]
+    return PoolFile(version / s.file, s.teacher, s.kind, dataset=s, sha256=s.sha256)
+
+
 def input_sha256(pf: PoolFile) -> str:
     """Hex sha256 of a teacher file's bytes (of its source file, for a TFDS teacher)."""
     if pf.sha256 is not None:

@@ -21,6 +21,14 @@ into batches of ``batch_size`` rows (the last batch padded with empty rows). Eve
 batch therefore has the shape ``[batch_size, seq_len]``, and the whole plan depends
 only on the lengths, the seed and the epoch: a resumed run rebuilds it exactly from
 the step index alone.
+
+Inputs. ``--data`` is a JSONL file, a LLaMA-Factory ``dataset_info.json`` (or its
+directory), or a TFDS dataset directory built by ``scas-jax dataset build --data FILE``,
+read through Grain into exactly the rows, in exactly the order, of the JSONL file it was
+built from (so the plan, the batches and the losses are the same). Every process reads
+every row and builds the same plan (packing places each example by all the lengths
+before it); each process then transfers only the rows its devices hold
+(:func:`scas_jax.training.step.put_batch`).
 """
 
 from __future__ import annotations
@@ -116,7 +124,25 @@ def resolve_dataset(path: str | Path, dataset: str = "") -> Path:
 
 
 def read_rows(path: str | Path, dataset: str = "") -> tuple[Path, list[tuple[int, dict]]]:
-    """``(jsonl path, [(line number, row)])``; an empty file is an error."""
+    """``(jsonl path, [(line number, row)])``; an empty file is an error.
+
+    ``path`` may be a TFDS dataset directory of one file (``scas-jax dataset build --data
+    FILE``; :func:`scas_jax.data.files.dataset_file`): its records are read through a
+    Grain ``MapDataset`` and give the same ``(line, row)`` list as the JSONL file it was
+    built from; the path returned is then ``<version dir>/<source file name>``, so errors
+    still name the source ``file:line``. Every process reads every row (the packing plan
+    depends on all lengths; see the module docstring)."""
+    from scas_jax.data.files import dataset_file, iter_rows
+
+    built = dataset_file(path, "--data")
+    if built is not None:
+        if dataset:
+            raise ScasError(f"dataset={dataset!r} names an entry of a LLaMA-Factory dataset_info.json, "
+                            f"but {path} is a TFDS dataset: drop dataset=")
+        rows = list(iter_rows(built))
+        if not rows:
+            raise ScasError(f"{built.path}: no rows to train on (the dataset is empty)")
+        return built.path, rows
     jsonl = resolve_dataset(path, dataset)
     rows = list(iter_jsonl(jsonl))
     if not rows:

@@ -12,7 +12,12 @@ Output directory::
 Exact resume: the state (params, optimiser state, step) and the data position are
 restored from the latest committed checkpoint; batches are a pure function of the step
 index (see data.py), so the steps after the resume point see the same batches and
-produce the same losses and parameters as an uninterrupted run. With ``selection:
+produce the same losses and parameters as an uninterrupted run. The meta records the
+input position as ``data_position`` (the global step) with ``data_epoch`` and
+``data_step_in_epoch`` (where that step falls in the epoch plans); a resume checks that
+the data it reads puts the step at the same place. The same holds for a TFDS ``--data``
+or ``--candidate-dir`` (read through Grain into the rows of its source files, in their
+order): every row is read again at start, and the plan does the rest. With ``selection:
 dynamic`` (dynamic.py) batches also depend on the current chunk's choices, which the
 checkpoint meta holds; a resume at a chunk boundary re-scores with the restored params.
 """
@@ -106,7 +111,9 @@ def save_final(out: Path, student, params) -> Path:
 
 
 def _meta(cfg: TrainConfig, student, step: int, fingerprint: str, stream) -> dict[str, Any]:
-    meta = {"step": step, "data_position": step, "data_fingerprint": fingerprint,
+    epoch, in_epoch = stream.locate(step)
+    meta = {"step": step, "data_position": step, "data_epoch": epoch, "data_step_in_epoch": in_epoch,
+            "data_fingerprint": fingerprint,
             "config": cfg.to_dict(), "model_config": student.cfg.to_dict()}
     if cfg.selection == "dynamic":
         meta["dynamic_chunk"] = stream.state()
@@ -307,6 +314,11 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
             )
         state = ckpts.restore_state(latest, abstract_like(state, shardings))
         start = int(meta["data_position"])
+        if "data_epoch" in meta and stream.locate(start) != (meta["data_epoch"], meta["data_step_in_epoch"]):
+            raise ScasError(
+                f"{ckpts.directory}/{latest}: the saved input position (epoch {meta['data_epoch']}, "
+                f"step {meta['data_step_in_epoch']} of it) is not where step {start} falls in this "
+                "data's plan; resume with the same data and settings")
         if dynamic:
             stream.restore(meta.get("dynamic_chunk"))
     main = is_main_process()
