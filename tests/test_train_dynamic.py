@@ -225,3 +225,33 @@ def test_dynamic_bad_input(setup, tmp_path):
               candidate_dir=pool, progress=False)
     for d in "abcdef":  # a failed start leaves no directory
         assert not (tmp_path / d).exists(), d
+
+
+def test_dynamic_from_a_tfds_pool_matches_and_resumes(setup, tmp_path):
+    """``--candidate-dir`` a TFDS build of the pool (read through Grain): the same
+    choices and losses as the JSONL pool; a resume inside a chunk on the dataset ends
+    on the same weights."""
+    from scas_jax.data.tfds_pool import build_pool_dataset
+    from scas_jax.loader import load_student
+
+    student, pool, _ = setup
+    data_dir = tmp_path / "tfds"
+    build_pool_dataset(pool, data_dir, "dyn_pool")
+    common = [*BASE, "steps=4", "rescore_every=2", "checkpoint_every=1", "questions_per_step=4"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    a = train(student, None, ref, None, common, candidate_dir=pool, progress=False)
+    b = train(student, None, run, None, common, candidate_dir=data_dir, progress=False)
+    assert b["data"] == a["data"]
+    assert _losses(run) == _losses(ref) and len(_losses(ref)) == 4
+    for s in (1, 2, 3, 4):
+        assert chunk_at(run, s) == chunk_at(ref, s)
+    shutil.rmtree(run / "final")
+    for d in (run / "checkpoints").iterdir():
+        if d.name.isdigit() and int(d.name) > 3:  # inside chunk [2, 4)
+            shutil.rmtree(d)
+    again = train(student, None, run, None, [], candidate_dir=data_dir, resume=True, progress=False)
+    assert again["resumed_from"] == 3 and again["selection"]["rescore_events"] == 0
+    assert _losses(run) == _losses(ref)
+    for x, y in zip(jax.tree.leaves(load_student(ref / "final").params),
+                    jax.tree.leaves(load_student(run / "final").params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
