@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import pytest
@@ -312,3 +313,83 @@ def test_cli_import_does_not_load_tfds():
             "bad = [m for m in ('tensorflow_datasets', 'grain', 'torch', 'tensorflow') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- generate, evaluate, experiment
+
+
+@pytest.fixture(scope="module")
+def chat_student(tmp_path_factory):
+    """A converted tiny llama with a character-level ChatML tokenizer (a path)."""
+    import tiny_chat
+
+    return tiny_chat.make_student_dir(tmp_path_factory.mktemp("chat") / "student")
+
+
+def _questions(path: Path, n: int = 4) -> Path:
+    return write_pool(path.parent, {path.name: [
+        {"id": i, "instruction": f"What is {i} + 1?", "reference_answer": str(i + 1)} for i in range(n)]}) / path.name
+
+
+def test_generate_reads_questions_from_a_dataset(chat_student, tmp_path):
+    """``generate --questions`` a TFDS build of the questions file: the same answers and
+    the same recorded questions checksum; a dataset of several files is refused."""
+    from scas_jax.data.tfds_pool import build_sft_dataset
+    from scas_jax.generation.commands import generate
+    from scas_jax.generation.prompts import read_questions
+
+    q = _questions(tmp_path / "q" / "questions.jsonl")
+    built = build_sft_dataset(q, tmp_path / "data", "questions")
+    assert read_questions(tmp_path / "data") == [
+        dataclass_replace(x, source=x.source.replace(str(q), str(built / q.name))) for x in read_questions(q)]
+    assert [x.id for x in read_questions(built, limit=2)] == [0, 1]
+    kw = dict(max_new_tokens=4, mesh="data=-1", batch_size=8)
+    a = generate(chat_student, q, tmp_path / "a", "tiny", **kw)
+    b = generate(chat_student, tmp_path / "data", tmp_path / "b", "tiny", **kw)
+    assert (tmp_path / "a/tiny.jsonl").read_bytes() == (tmp_path / "b/tiny.jsonl").read_bytes()
+    assert a["settings"]["questions_sha256"] == b["settings"]["questions_sha256"] == file_sha256(q)
+    build(small_pool(tmp_path / "pool"), tmp_path / "several")
+    with pytest.raises(ScasError, match=r"--questions .*a dataset of 3 files .*dataset build --data FILE"):
+        read_questions(tmp_path / "several")
+
+
+def test_evaluate_reads_questions_and_pool_from_datasets(chat_student, tmp_path):
+    """``evaluate --questions/--pool`` TFDS builds: the same predictions and metrics."""
+    from scas_jax.data.tfds_pool import build_sft_dataset
+    from scas_jax.evaluation.evaluate import evaluate
+
+    q = _questions(tmp_path / "q" / "questions.jsonl", 3)
+    pool = write_pool(tmp_path / "pool", {
+        "a.jsonl": [{"id": i, "instruction": f"What is {i} + 1?", "teacher_output": f"#### {i + 1}",
+                     "teacher_correct": i != 1} for i in range(3)],
+        "b.jsonl": [{"id": i, "instruction": f"What is {i} + 1?", "teacher_output": f"so #### {i + 1 if i else 7}",
+                     "reference_answer": str(i + 1)} for i in range(3)]})
+    build_sft_dataset(q, tmp_path / "qdata", "questions")
+    build(pool, tmp_path / "pdata", "evalpool")
+    kw = dict(max_new_tokens=4, batch_size=8, mesh="data=-1")
+    a = evaluate(chat_student, q, tmp_path / "a", pool=pool, **kw)
+    b = evaluate(chat_student, tmp_path / "qdata", tmp_path / "b", pool=tmp_path / "pdata", **kw)
+    assert (tmp_path / "a/predictions.jsonl").read_bytes() == (tmp_path / "b/predictions.jsonl").read_bytes()
+    def fixed(m):  # less the input paths and the timings
+        if isinstance(m, dict):
+            return {k: fixed(v) for k, v in m.items()
+                    if k not in ("questions_file", "pool") and not k.endswith("seconds")}
+        return m
+
+    assert fixed(a) == fixed(b) and a["answer_nll"]["answers"] == 4
+
+
+def test_experiment_data_from_a_dataset_pool(tmp_path):
+    """The experiment's ``pool:`` a TFDS build: the same split and data files."""
+    from scas_jax.experiment.config import ExperimentConfig
+    from scas_jax.experiment.split import dir_digest, prepare_data
+
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": gsm8k(t, 10) for t in TEACHERS})
+    build(pool, tmp_path / "data")
+    kw = dict(teachers=TEACHERS[:2], questions=8, heldout_questions=3, split_seed=1)
+    ca = prepare_data(ExperimentConfig(pool=str(pool), **kw), tmp_path / "a", "cfg")
+    cb = prepare_data(ExperimentConfig(pool=str(tmp_path / "data"), **kw), tmp_path / "b", "cfg")
+    assert ca == cb and ca["heldout_questions"] == 3
+    _cmp_outputs(tmp_path / "a", tmp_path / "b", {})
+    digest = dir_digest(tmp_path / "data")
+    assert digest == dir_digest(tmp_path / "data" / "mini") and digest != dir_digest(tmp_path / "a" / "pool")

@@ -40,8 +40,7 @@ METRICS = "metrics.json"
 
 def _pool_rows(pool: Path, keys: set[str]) -> tuple[list[dict], dict]:
     """Verified rows of ``pool`` answering one of ``keys``, and counts of what was kept."""
-    from scas_jax.data.files import discover_pool
-    from scas_jax.data.jsonl import iter_jsonl
+    from scas_jax.data.files import discover_pool, iter_rows
     from scas_jax.data.rows import id_key, row_answer, row_teacher
     from scas_jax.data.verdicts import correctness_at, has_flag
     from scas_jax.judging.verify import judge_row
@@ -49,7 +48,7 @@ def _pool_rows(pool: Path, keys: set[str]) -> tuple[list[dict], dict]:
     rows, counts = [], {"read": 0, "other_questions": 0, "unverified": 0, "verified_by_flag": 0,
                         "verified_by_judge": 0}
     for pf in discover_pool(pool):
-        for line, row in iter_jsonl(pf.path):
+        for line, row in iter_rows(pf):  # a JSONL pool or its TFDS build alike
             counts["read"] += 1
             qid = row.get("question_id", row.get("id"))
             if qid is None or id_key(qid) not in keys:

@@ -1,5 +1,7 @@
 """The experiment's data: the configured teachers and questions of a pool, judged, split
-into training and held-out questions (seeded, by id), written as small pools.
+into training and held-out questions (seeded, by id), written as small pools. The pool
+may be a TFDS dataset directory built by ``scas-jax dataset build`` (its rows are read
+through :func:`scas_jax.data.files.iter_rows`: the same rows as the JSONL pool).
 
 ``OUT/data/``:
 
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from scas_jax.data.files import discover_pool
+from scas_jax.data.files import discover_pool, find_dataset_dir, iter_rows
 from scas_jax.data.jsonl import iter_jsonl
 from scas_jax.data.rows import id_key
 from scas_jax.errors import ScasError
@@ -57,8 +59,8 @@ def prepare_data(cfg: ExperimentConfig, out: Path, where: str) -> dict[str, Any]
     teachers = check_teachers(cfg, pool_teachers(src), where)
     if out.exists():
         shutil.rmtree(out)
-    files = {pf.teacher: pf.path for pf in discover_pool(src) if pf.teacher in teachers}
-    rows = {t: [row for _, row in iter_jsonl(files[t])] for t in teachers}
+    files = {pf.teacher: pf for pf in discover_pool(src) if pf.teacher in teachers}
+    rows = {t: [row for _, row in iter_rows(files[t])] for t in teachers}  # JSONL or TFDS pool
     all_ids = sorted({id_key(r["id"]) for rs in rows.values() for r in rs if r.get("id") is not None})
     chosen = set(all_ids[:cfg.questions] if cfg.questions else all_ids)
     for t in teachers:
@@ -102,10 +104,20 @@ def heldout_rows(data: Path, teachers: list[str]) -> list[dict]:
 
 
 def dir_digest(directory: Path, pattern: str = "*.jsonl") -> str:
-    """sha256 over the names and contents of ``directory``'s files matching ``pattern``."""
+    """sha256 over the names and contents of ``directory``'s files matching ``pattern``;
+    for a TFDS pool dataset (no such file), over its source files' names and sha256s."""
     import hashlib
 
     h = hashlib.sha256()
+    if (pattern == "*.jsonl" and not any(directory.glob(pattern))
+            and (dataset := find_dataset_dir(directory)) is not None):
+        from scas_jax.data.tfds_pool import teacher_slices
+
+        h.update(b"tfds")
+        for s in teacher_slices(dataset):
+            h.update(s.file.encode())
+            h.update(s.sha256.encode())
+        return h.hexdigest()
     for p in sorted(directory.glob(pattern)):
         h.update(p.name.encode())
         h.update(p.read_bytes())

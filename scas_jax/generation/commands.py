@@ -118,10 +118,9 @@ def generate(
     for the prompts; None: the tokenizer's own (an error naming the flag when it has none).
     """
     from scas_jax.data.chat import chat_template_label
-    from scas_jax.generation.prompts import read_questions
+    from scas_jax.generation.prompts import questions_sha256, read_questions
     from scas_jax.generation.sampling import SamplingConfig
     from scas_jax.generation.student import model_path_identity, resolve_model
-    from scas_jax.scoring.identity import file_sha256
 
     _check(teacher_name, samples, max_new_tokens, limit, dtype)
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
@@ -131,7 +130,7 @@ def generate(
     output_dir = Path(output_dir)
     settings = {
         "model": str(resolved.describe()), "model_identity": model_path_identity(resolved),
-        "questions": str(Path(questions)), "questions_sha256": file_sha256(questions),
+        "questions": str(Path(questions)), "questions_sha256": questions_sha256(questions),
         "limit": limit, "teacher_name": teacher_name, "samples": int(samples),
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
         "max_new_tokens": int(max_new_tokens), "seed": int(seed), "dtype": dtype,

@@ -1,6 +1,7 @@
 """Questions in, prompt token ids out.
 
-A questions file is JSONL, one question per row: ``id`` (any JSON value, unique in the
+A questions file is JSONL (or a TFDS dataset directory built from one by ``scas-jax
+dataset build --data FILE``), one question per row: ``id`` (any JSON value, unique in the
 file), ``instruction`` (non-empty), optional ``system`` and ``reference_answer``. Every
 other field is ignored, so a teacher pool file works as is. :func:`read_questions`
 checks the whole file before anything loads a model: a row without ``instruction``, a
@@ -53,14 +54,41 @@ class Question:
         return id_key(self.id)
 
 
-def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
-    """The first ``limit`` questions of ``path`` (all when None), validated."""
+def _question_source(path: str | Path):
+    """``(file label, PoolFile or None)`` of a ``--questions`` input: a JSONL file, or a
+    TFDS dataset of one file (:func:`scas_jax.data.files.dataset_file`)."""
+    from scas_jax.data.files import dataset_file
+
+    built = dataset_file(path, "--questions")
+    if built is not None:
+        return built.path, built
     path = Path(path)
     if not path.is_file():
         raise ScasError(f"--questions {path}: no such file")
+    return path, None
+
+
+def questions_sha256(path: str | Path) -> str:
+    """Hex sha256 of a questions file's bytes; for a TFDS dataset, of the file it was
+    built from (the same value as for that file)."""
+    from scas_jax.data.files import input_sha256
+    from scas_jax.scoring.identity import file_sha256
+
+    label, built = _question_source(path)
+    return input_sha256(built) if built is not None else file_sha256(label)
+
+
+def read_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """The first ``limit`` questions of ``path`` (all when None), validated. ``path`` is a
+    JSONL file or a TFDS dataset directory of one file (``scas-jax dataset build --data
+    FILE``), whose rows are read through Grain: the same questions, in the same order,
+    with the source ``file:line`` in errors."""
+    from scas_jax.data.files import iter_rows
+
+    path, built = _question_source(path)
     out: list[Question] = []
     seen: dict[str, int] = {}
-    for line, row in iter_jsonl(path, limit=limit):
+    for line, row in (iter_rows(built, limit) if built is not None else iter_jsonl(path, limit=limit)):
         where = f"{path}:{line}"
         if "id" not in row or row["id"] is None:
             raise ScasError(f"{where}: missing field 'id'")
