@@ -168,6 +168,12 @@ def test_rerun_skips_and_changed_setting_redoes(smoke, capsys):
     ({"arms": ["base", "teacher:gpt5"], "compare_to": "base"}, "unknown teacher 'gpt5' in arm 'teacher:gpt5'"),
     ({"seeds": []}, "seeds must be a non-empty list"),
     ({"compare_to": "random"}, "compare_to 'random' is not one of the arms"),
+    ({"arms": ["base", "scas_min", "scas_min_other"]},
+     ("arm 'scas_min_other' needs other_student (a second student whose scores choose its answers); "
+      "without it the valid arms are: base, scas_min")),
+    ({"chat_template": "chatmll"}, "chat_template 'chatmll': not one of chatml, gemma, plain"),
+    ({"other_chat_template": "plain"}, "other_chat_template is set but other_student is not"),
+    ({"both_roles": True}, "both_roles needs other_student"),
 ])
 def test_bad_configs_are_errors_naming_the_fix(tmp_path, capsys, extra, message):
     cfg = {**yaml.safe_load(SMOKE.read_text()), **extra}
@@ -215,3 +221,161 @@ def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     teachers = check_teachers(cfg, pool_teachers(cfg.pool_dir()), str(path))
     assert teachers and "base" in cfg.arms and cfg.compare_to in cfg.arms
+
+
+# ------------------------------------------------------------------ two students
+
+@pytest.fixture(scope="module")
+def two_students(student, tmp_path_factory):
+    """The smoke experiment with a second tiny student (other weights, the ``plain``
+    template) and the student on the named ``chatml`` template, both roles (cross-training):
+    OUT/tiny/ (student tiny, other tiny_other), then OUT/tiny_other/ (roles swapped)."""
+    base = tmp_path_factory.mktemp("experiment2")
+    other = tiny_chat.make_student_dir(base / "tiny_other", seed=1)
+    out = base / "out"
+    args = ["experiment", "--config", str(SMOKE), "--out", str(out), "--set", f"student={student}",
+            "--set", "chat_template=chatml", "--set", f"other_student={other}",
+            "--set", "other_chat_template=plain", "--set", "arms=[base, scas_min, scas_min_other, strongest]",
+            "--set", "seeds=[0]", "--set", "generate_accuracy=false", "--set", "both_roles=true",
+            "--no-progress"]
+    assert main(args) == 0
+    return out, args
+
+
+def _scores(scored):
+    """{id: {teacher: scas_score}} of the verified scored answers."""
+    out = {}
+    for p in Path(scored).glob("*_scas_scores.jsonl"):
+        for r in _lines(p):
+            if r.get("teacher_correct") is True and not r.get("scas_scoring_error"):
+                out.setdefault(r["id"], {})[r["teacher_name"]] = r["scas_score"]
+    return out
+
+
+def test_two_students_comparison_is_computed_and_written(two_students):
+    from scipy.stats import spearmanr
+
+    out, _ = two_students
+    out = out / "tiny"  # role 1
+    cmp = json.loads((out / "comparison.json").read_text())
+    a, b = _scores(out / "scored"), _scores(out / "scored_other")
+    assert set(a) == set(b) and len(a) == 12 == cmp["questions"]
+    same = 0
+    for q in a:
+        assert set(a[q]) == set(b[q])
+        pa = min(a[q], key=lambda t: (a[q][t], t))
+        pb = min(b[q], key=lambda t: (b[q][t], t))
+        same += pa == pb
+        assert {"id": q, "student": pa, "other_student": pb} in cmp["picks"]
+    assert cmp["agreeing_questions"] == same and cmp["agreement"] == pytest.approx(same / 12)
+    lo, hi = cmp["agreement_ci"]
+    assert 0.0 <= lo <= cmp["agreement"] <= hi <= 1.0
+    xs = [a[q][t] for q in sorted(a) for t in sorted(a[q])]
+    ys = [b[q][t] for q in sorted(a) for t in sorted(a[q])]
+    assert cmp["candidates"] == len(xs)
+    assert cmp["spearman_global"] == pytest.approx(spearmanr(xs, ys).statistic)
+    within = [spearmanr([a[q][t] for t in a[q]], [b[q][t] for t in a[q]]).statistic for q in a if len(a[q]) >= 3]
+    within = [w for w in within if math.isfinite(w)]
+    assert within and cmp["spearman_within_questions"] == len(within)
+    assert cmp["spearman_within_mean"] == pytest.approx(sum(within) / len(within))
+    for who in ("student", "other_student"):
+        assert abs(sum(cmp["teacher_shares"][who].values()) - 1) < 1e-4
+    assert cmp["chat_template"] == "chatml" and cmp["other_chat_template"] == "plain"
+    # the other student scored with its own template
+    assert json.loads((out / "scored_other" / "manifest.json").read_text())["chat_template"] == "plain"
+
+    res = json.loads((out / "results.json").read_text())
+    assert [a["arm"] for a in res["arms"]] == ["base", "scas_min", "scas_min_other", "strongest"]
+    for arm in res["arms"]:
+        assert math.isfinite(arm["heldout_nll"]) and _finite_ci(arm["heldout_nll_ci"])
+        assert _finite_ci(arm["heldout_nll_diff_ci"]) and arm["compare_to"] == "scas_min"
+    assert res["info"]["chat_template"] == "chatml" and res["info"]["other_chat_template"] == "plain"
+    assert res["comparison"]["agreement"] == cmp["agreement"] and "picks" not in res["comparison"]
+    md = (out / "results.md").read_text()
+    assert "## Student comparison" in md and f"{same}/12 questions" in md and "| scas_min_other |" in md
+
+
+def test_scas_min_other_picks_the_other_students_lowest(two_students):
+    out, _ = two_students
+    b = _scores(out / "tiny" / "scored_other")
+    picks = {r["id"]: (r["teacher_name"], r["score_value"])
+             for r in _lines(out / "tiny" / "arms" / "scas_min_other.jsonl")}
+    assert set(picks) == set(b)
+    for q, (t, v) in picks.items():
+        assert (v, t) == min((s, u) for u, s in b[q].items())
+
+
+def test_both_roles_swap_the_students_and_share_the_rest(two_students):
+    out, _ = two_students
+    one, two = out / "tiny", out / "tiny_other"
+    # role 2 reuses role 1's conversions, split and scores: it has none of its own
+    assert not (two / "data").exists() and not (two / "scored").exists() and not (two / "scored_other").exists()
+
+    def picks(path):
+        return [(r["id"], r["teacher_name"]) for r in _lines(path)]
+
+    # each student's own selection is the other role's "other" selection
+    assert picks(two / "arms" / "scas_min.jsonl") == picks(one / "arms" / "scas_min_other.jsonl")
+    assert picks(two / "arms" / "scas_min_other.jsonl") == picks(one / "arms" / "scas_min.jsonl")
+    assert picks(two / "arms" / "strongest.jsonl") == picks(one / "arms" / "strongest.jsonl")
+    c1, c2 = (json.loads((d / "comparison.json").read_text()) for d in (one, two))
+    assert c2["agreement"] == c1["agreement"] and c2["other_chat_template"] == "chatml"
+    assert c2["spearman_global"] == pytest.approx(c1["spearman_global"])
+    r2 = json.loads((two / "results.json").read_text())
+    assert r2["info"]["chat_template"] == "plain" and r2["info"]["student"].endswith("tiny_other")
+    table = json.loads((out / "cross_training.json").read_text())
+    assert [(Path(a["student"]).name, a["arm"]) for a in table["arms"]] == [
+        (s, a) for s in ("tiny", "tiny_other") for a in ("base", "scas_min", "scas_min_other", "strongest")]
+    assert all(math.isfinite(a["heldout_nll"]) and _finite_ci(a["heldout_nll_diff_ci"]) for a in table["arms"])
+    md = (out / "cross_training.md").read_text()
+    assert md.count("| scas_min_other |") == 2 and "the other student's SCAS selection" in md
+
+
+def test_two_students_rerun_skips_finished_stages(two_students, capsys):
+    out, args = two_students
+    before = (out / "tiny" / "comparison.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "training and evaluating" not in text and "] running" not in text
+    for name in ("[data]", "[score]", "[score_other]"):
+        assert text.count(f"{name} done earlier with the same settings") == 1, name
+    for name in ("run:base:", "run:scas_min:seed0:", "run:scas_min_other:seed0:", "run:strongest:seed0:"):
+        assert text.count(f"{name} done earlier with the same settings") == 2, name  # both roles
+    assert (out / "tiny" / "comparison.json").read_text() == before
+
+
+def test_compare_students_counts_disagreement_and_ties(tmp_path):
+    """Synthetic scores: the agreement and Spearman numbers by hand (the tiny students of
+    the fixture happen to rank alike)."""
+    from scipy.stats import spearmanr
+
+    from scas_jax.experiment.compare import compare_students, spearman
+
+    a = {"q1": {"t1": 1.0, "t2": 2.0, "t3": 3.0}, "q2": {"t1": 1.0, "t2": 2.0, "t3": 3.0},
+         "q3": {"t1": 5.0, "t2": 5.0, "t3": 1.0}, "q4": {"t1": 1.0, "t2": 2.0}}
+    b = {"q1": {"t1": 1.0, "t2": 2.0, "t3": 3.0}, "q2": {"t1": 3.0, "t2": 2.0, "t3": 1.0},
+         "q3": {"t1": 0.5, "t2": 0.5, "t3": 0.5}, "q4": {"t1": 9.0, "t2": 2.0, "t3": 1.0}}
+    for name, scores in (("a", a), ("b", b)):
+        d = tmp_path / name
+        d.mkdir()
+        for t in ("t1", "t2", "t3"):
+            rows = [{"id": q, "teacher_name": t, "teacher_correct": True, "scas_score": s[t]}
+                    for q, s in scores.items() if t in s]
+            rows.append({"id": "q5", "teacher_name": t, "teacher_correct": False, "scas_score": 0.0})
+            tiny_chat.write_jsonl(d / f"{t}_scas_scores.jsonl", rows)
+    cmp = compare_students(tmp_path / "a", tmp_path / "b", 200, 0)
+    # q5 unverified: left out; q4: only t1, t2 in both; picks: q1 t1/t1, q2 t1/t3, q3 t3/t1 (tie by name), q4 t1/t2
+    assert cmp["questions"] == 4 and cmp["candidates"] == 11
+    assert cmp["agreeing_questions"] == 1 and cmp["agreement"] == pytest.approx(0.25)
+    assert [(p["id"], p["student"], p["other_student"]) for p in cmp["picks"]] == [
+        ("q1", "t1", "t1"), ("q2", "t1", "t3"), ("q3", "t3", "t1"), ("q4", "t1", "t2")]
+    assert cmp["teacher_shares"]["student"] == {"t1": 0.75, "t3": 0.25}
+    assert cmp["by_teacher"]["t1"] == {"student": 3, "other_student": 2, "both": 1, "candidates": 4}
+    xs = [a[q][t] for q in sorted(a) for t in sorted(a[q]) if t in b[q]]
+    ys = [b[q][t] for q in sorted(a) for t in sorted(a[q]) if t in b[q]]
+    assert cmp["spearman_global"] == pytest.approx(spearmanr(xs, ys).statistic)
+    # within: q1 +1, q2 -1, q3 all tied under b (no rho, left out), q4 has 2 answers
+    assert cmp["spearman_within_questions"] == 2 and cmp["spearman_within_skipped_ties"] == 1
+    assert cmp["spearman_within_mean"] == pytest.approx(0.0)
+    assert spearman([1, 2, 2, 3], [4, 1, 1, 0]) == pytest.approx(spearmanr([1, 2, 2, 3], [4, 1, 1, 0]).statistic)

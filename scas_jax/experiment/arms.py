@@ -7,6 +7,9 @@ and verified training pool, written as SFT files).
 - ``scas_groups``: a seeded random answer of the lowest-cost *non-empty* group
   (``num_groups`` groups by rank as ``select --strategy groups``; a question with fewer
   answers than groups has an empty group 1, so it takes its lowest occupied group);
+- ``scas_min_other``: the answer with the lowest ``scas_score`` under the OTHER student
+  (``other_student``, scored into ``OUT/scored_other``): the student trained on another
+  student's SCAS selection;
 - ``strongest``: the answer of the teacher with the highest accuracy on the training split
   (the next one where it has no verified answer);
 - ``random``: a seeded uniform choice among the verified answers (``select --strategy random``);
@@ -23,7 +26,12 @@ from pathlib import Path
 
 from scas_jax.data.files import discover_pool, require_score_files
 from scas_jax.data.jsonl import read_json
-from scas_jax.experiment.config import SCORED_ARMS, SEEDED_ARMS, TEACHER_PREFIX
+from scas_jax.experiment.config import (
+    OTHER_ARMS,
+    SCORED_ARMS,
+    SEEDED_ARMS,
+    TEACHER_PREFIX,
+)
 from scas_jax.selection.candidates import Pool, load_pool
 from scas_jax.selection.rows import output_row
 from scas_jax.selection.strategies import (
@@ -63,9 +71,20 @@ def arm_file_name(arm: str, seed: int) -> str:
     return f"{name}_seed{seed}.jsonl" if arm in SEEDED_ARMS else f"{name}.jsonl"
 
 
+def score_key(arm: str) -> str | None:
+    """The score field ``arm`` ranks by (None: it ranks by none)."""
+    return "scas_score" if arm in OTHER_ARMS else SCORED_ARMS.get(arm)
+
+
 def choose(arm: str, seed: int, scored: Path, train_pool: Path, accuracy_file: Path,
-           num_groups: int) -> list[Choice]:
+           num_groups: int, scored_other: Path | None = None) -> list[Choice]:
     accuracy = {t: v["accuracy"] for t, v in read_json(accuracy_file, "teacher accuracy").items()}
+    if arm in OTHER_ARMS:
+        if scored_other is None:
+            raise ValueError(f"arm {arm!r} needs the other student's scores (other_student)")
+        pool = load_pool(require_score_files(scored_other), score_key="scas_score", require_score=True,
+                         verified_only=True)
+        return select_min(pool)
     if arm in SCORED_ARMS:
         pool = load_pool(require_score_files(scored), score_key=SCORED_ARMS[arm], require_score=True,
                          verified_only=True)
@@ -86,8 +105,7 @@ def write_arm_file(arm: str, seed: int, dest: Path, **kw) -> dict:
     from scas_jax.io_utils import write_jsonl_atomic
 
     choices = choose(arm, seed, **kw)
-    score_key = SCORED_ARMS.get(arm)
-    write_jsonl_atomic(dest, [output_row(c, score_key) for c in choices])
+    write_jsonl_atomic(dest, [output_row(c, score_key(arm)) for c in choices])
     return {"rows": len(choices), "teacher_shares": shares(str(c.candidate.teacher) for c in choices)}
 
 

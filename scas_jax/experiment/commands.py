@@ -10,11 +10,13 @@ def _cmd(args: argparse.Namespace) -> int:
 
     res = run_experiment(args.config, args.out, args.set or [], progress=not args.no_progress)
     ref = res["arms"][0]["compare_to"] if res["arms"] else ""
+    both = "roles" in res  # both_roles: cross_training.json's content
     for a in res["arms"]:
         ci = a["heldout_nll_ci"] or [float("nan")] * 2
-        print(f"  {a['arm']:<32} held-out NLL {a['heldout_nll']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  "
+        who = f"{a['student']}: " if both else ""
+        print(f"  {who + a['arm']:<40} held-out NLL {a['heldout_nll']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]  "
               f"vs {ref} {a['heldout_nll_diff']:+.4f}")
-    print(f"results: {args.out}/results.md")
+    print(f"results: {args.out}/{'cross_training.md' if both else 'results.md'}")
     return 0
 
 

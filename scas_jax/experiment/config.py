@@ -16,13 +16,15 @@ from scas_jax.data.yaml_file import read_yaml as read_yaml_file
 
 # arms that need no teacher name; ``teacher:<name>`` adds one per teacher
 FIXED_ARMS = ("base", "scas_min", "scas_groups", "nll_min", "scas_no_diag_min", "strongest",
-              "random", "dynamic")
+              "random", "dynamic", "scas_min_other")
 TEACHER_PREFIX = "teacher:"
 # arms whose choice comes from the base student's scores, and the score field they rank by
 SCORED_ARMS = {"scas_min": "scas_score", "scas_groups": "scas_score", "nll_min": "answer_mean_nll",
                "scas_no_diag_min": "scas_score_no_diag"}
 # arms whose answers depend on the run's seed (the others pick the same answers every seed)
 SEEDED_ARMS = ("scas_groups", "random", "dynamic")
+# arms that need ``other_student`` (they rank by the OTHER student's scores, ``OUT/scored_other``)
+OTHER_ARMS = ("scas_min_other",)
 BUNDLED_POOL = "gsm8k"
 
 
@@ -32,6 +34,14 @@ class ExperimentConfig:
 
     # what
     student: str = "smollm2"  # anything load_student takes; converted once into OUT/student
+    chat_template: str = ""  # the student's: chatml|gemma|plain|FILE.jinja; "" = its tokenizer's own
+    # a second student (student comparison): scores the same training pool (OUT/scored_other);
+    # "" = none. Enables the arm scas_min_other and OUT/comparison.json
+    other_student: str = ""
+    other_chat_template: str = ""  # the other student's template (as chat_template)
+    # cross-training: run the experiment twice, OUT/<student>/ then OUT/<other_student>/ with the
+    # roles swapped (sharing the conversions, split and scores), and write OUT/cross_training.*
+    both_roles: bool = False
     pool: str = BUNDLED_POOL  # a pool directory, or "gsm8k" (the bundled one)
     teachers: tuple = ()  # the teachers used (candidates, held-out answers); () = all of the pool
     arms: tuple = ("base", "scas_min", "nll_min", "strongest", "random")
@@ -44,6 +54,7 @@ class ExperimentConfig:
     seeds: tuple = (0, 1)  # training seeds (data order; random/groups/dynamic draws)
     # training: every arm gets one answer per training question, the same steps and settings
     batch_size: int = 8  # answers per step (one answer per packed row; rounded up to the devices)
+    grad_accum: int = 1  # micro-batches per step (same step, less memory: Gemma's 262k vocabulary)
     epochs: int = 1
     steps: int = 0  # 0: epochs * ceil(train questions / batch_size)
     seq_len: int = 0  # 0: the longest training candidate (prompt + answer), rounded up to 64
@@ -171,8 +182,27 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise _bad(where, f"unknown arm {arm!r}{hint}; valid arms: {', '.join(FIXED_ARMS)}, "
                               f"{TEACHER_PREFIX}<teacher>")
+    for arm in cfg.arms:
+        if arm in OTHER_ARMS and not cfg.other_student:
+            valid = [a for a in FIXED_ARMS if a not in OTHER_ARMS]
+            raise _bad(where, f"arm {arm!r} needs other_student (a second student whose scores choose its "
+                              f"answers); without it the valid arms are: {', '.join(valid)}, "
+                              f"{TEACHER_PREFIX}<teacher>")
+    if cfg.other_chat_template and not cfg.other_student:
+        raise _bad(where, "other_chat_template is set but other_student is not")
+    if cfg.both_roles and not cfg.other_student:
+        raise _bad(where, "both_roles needs other_student (the two students swap roles)")
+    from scas_jax.data.chat import chat_template_label
+
+    for name in ("chat_template", "other_chat_template"):
+        try:
+            chat_template_label(getattr(cfg, name) or None, name)
+        except ScasError as e:
+            raise _bad(where, str(e)) from None
     if cfg.compare_to not in cfg.arms:
         raise _bad(where, f"compare_to {cfg.compare_to!r} is not one of the arms ({', '.join(cfg.arms)})")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        raise _bad(where, f"grad_accum must be >= 1 and divide batch_size {cfg.batch_size}, got {cfg.grad_accum}")
     for name in ("batch_size", "epochs", "min_verified", "heldout_questions", "bootstrap_samples",
                  "rescore_every", "num_groups", "max_new_tokens", "eval_batch_size",
                  "score_batch_tokens", "max_length"):

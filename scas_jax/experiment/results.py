@@ -138,7 +138,12 @@ def to_markdown(arms: list[dict], info: dict[str, Any]) -> str:
     lines = [
         f"# scas-jax experiment: {info['config_file']}",
         "",
-        f"Student `{info['student']}`; {info['train_questions']} training questions, "
+        f"Student `{info['student']}`"
+        + (f" (chat template `{info['chat_template']}`)" if info.get("chat_template", "tokenizer") != "tokenizer"
+           else "")
+        + (f", other student `{info['other_student']}` (chat template `{info['other_chat_template']}`)"
+           if info.get("other_student") else "")
+        + f"; {info['train_questions']} training questions, "
         f"{info['heldout_questions']} held-out questions ({info['heldout_answers']} verified answers, "
         f"teachers {', '.join(info['teachers'])}); {info['steps']} steps of {info['batch']} answers "
         f"at learning rate {info['learning_rate']:g}; seeds {', '.join(map(str, info['seeds']))}.",

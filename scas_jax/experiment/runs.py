@@ -30,6 +30,10 @@ def train_overrides(cfg: ExperimentConfig, seed: int, steps: int, batch: int, se
            f"learning_rate={cfg.learning_rate}", f"warmup_steps={cfg.warmup_steps}",
            f"schedule={cfg.schedule}", f"weight_decay={cfg.weight_decay}", f"seed={seed}",
            f"mesh={cfg.mesh}", "checkpoint_every=1000000000", "max_to_keep=1", "drop_long=true"]
+    if cfg.chat_template:
+        out.append(f"chat_template={cfg.chat_template}")
+    if cfg.grad_accum > 1:
+        out.append(f"grad_accum={cfg.grad_accum}")
     if dynamic:
         out += ["selection=dynamic", f"rescore_every={cfg.rescore_every}", f"questions_per_step={batch}",
                 "dynamic_strategy=min", "score_key=scas_score", f"lambda_scas={cfg.lambda_scas}",
@@ -53,13 +57,16 @@ def _dynamic_shares(metrics: Path) -> dict[str, float]:
 
 
 def heldout_nlls(model: Path, rows: list[dict], cfg: ExperimentConfig, mesh) -> list[float]:
-    """``answer_mean_nll`` of each held-out row under ``model`` (NaN for an error row)."""
+    """``answer_mean_nll`` of each held-out row under ``model`` (NaN for an error row), the
+    rows formatted with the student's ``chat_template`` (its tokenizer's own when "")."""
+    from scas_jax.data.chat import with_chat_template
     from scas_jax.loader import load_student
     from scas_jax.scoring.fields import ERROR_FIELD
     from scas_jax.scoring.scorer import ScoreConfig, score_rows
 
     st = load_student(model, dtype="float32", mesh=mesh)
-    fields = score_rows(st.params, st.cfg, st.tokenizer, rows,
+    tok = with_chat_template(st.tokenizer, cfg.chat_template or None, "chat_template", name=str(model))
+    fields = score_rows(st.params, st.cfg, tok, rows,
                         ScoreConfig(batch_tokens=cfg.score_batch_tokens, max_length=cfg.max_length,
                                     dtype="float32", lambda_scas=cfg.lambda_scas), mesh)
     return [math.nan if f.get(ERROR_FIELD) else float(f["answer_mean_nll"]) for f in fields]
@@ -118,9 +125,10 @@ def run_one(cfg: ExperimentConfig, arm: str, seed: int | None, run_dir: Path, st
     if cfg.generate_accuracy:
         from scas_jax.evaluation.evaluate import evaluate
 
+        extra = {"chat_template": cfg.chat_template} if cfg.chat_template else {}  # see check_accuracy_template
         m = evaluate(model, questions, run_dir / "eval", max_new_tokens=cfg.max_new_tokens, mesh=mesh,
                      batch_size=cfg.eval_batch_size, dtype="float32", bootstrap_samples=cfg.bootstrap_samples,
-                     seed=cfg.bootstrap_seed, overwrite=True)
+                     seed=cfg.bootstrap_seed, overwrite=True, **extra)
         rec["accuracy"] = m["accuracy"]
         rec["verdicts"] = {id_key(p["id"]): p["verdict"] is True
                            for _, p in iter_jsonl(run_dir / "eval" / "predictions.jsonl")}
