@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "Datasets at scale: 'dataset build' writes a pool directory (one JSONL per teacher) or an "
             "SFT file as a versioned TFDS dataset (ArrayRecord, one record per answer, file order kept, "
             "the input files' sha256 in its metadata). Every stage that reads a pool directory "
-            "(score, select, verify, report) reads the built dataset directory alike."
+            "(score, select, verify, report, evaluate --pool, train --candidate-dir, experiment) "
+            "reads the built dataset directory alike; a build of one file (--data) serves as "
+            "train --data or generate/evaluate --questions."
         ),
     )
     actions = p.add_subparsers(dest="dataset_action", metavar="<action>",

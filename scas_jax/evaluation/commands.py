@@ -23,10 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="converted checkpoint, Hugging Face directory, GGUF file, 'smollm2', a "
                         "training output directory or one of its checkpoints")
     p.add_argument("--questions", required=True, type=Path,
-                   help="JSONL of questions (id, instruction, optional system, reference_answer)")
+                   help="JSONL of questions (id, instruction, optional system, reference_answer), or its "
+                        "TFDS build (scas-jax dataset build --data FILE)")
     p.add_argument("--output-dir", required=True, type=Path, help="where predictions.jsonl and metrics.json go")
     p.add_argument("--pool", type=Path, default=None,
-                   help="pool directory whose verified answers' mean NLL is measured")
+                   help="pool directory (or its TFDS build) whose verified answers' mean NLL is measured")
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="longest answer; a longer one is truncated and judged undecided")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")

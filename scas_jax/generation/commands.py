@@ -242,7 +242,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="converted checkpoint, Hugging Face directory, GGUF file, 'smollm2', or a "
                         "training output directory / checkpoint")
-    p.add_argument("--questions", required=True, type=Path, help="JSONL of questions")
+    p.add_argument("--questions", required=True, type=Path, help="JSONL of questions, or its TFDS build (scas-jax dataset build --data FILE)")
     p.add_argument("--output-dir", required=True, type=Path, help="directory of the teacher file")
     p.add_argument("--teacher-name", required=True, help="NAME of DIR/NAME.jsonl and of every row's teacher_name")
     p.add_argument("--samples", type=int, default=1, help="answers per question (K > 1: ids become '<id>#<k>')")

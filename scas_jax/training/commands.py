@@ -51,10 +51,10 @@ def register(sub) -> None:
     p.add_argument("--student", default="smollm2",
                    help="converted dir, HF dir, GGUF, 'smollm2' or 'gemma3-270m'")
     p.add_argument("--data", default=None,
-                   help="SFT JSONL (system/instruction/output) or a LLaMA-Factory dataset_info.json "
-                        "(selection=static)")
+                   help="SFT JSONL (system/instruction/output), a LLaMA-Factory dataset_info.json, or a "
+                        "TFDS dataset built by scas-jax dataset build --data FILE (selection=static)")
     p.add_argument("--candidate-dir", default=None,
-                   help="teacher candidate directory: re-score and select during training "
+                   help="teacher candidate directory (or its TFDS build): re-score and select during training "
                         "(selection=dynamic, implied when --data is absent)")
     p.add_argument("--dataset", default=None, help="dataset name inside dataset_info.json")
     p.add_argument("--output-dir", required=True, help="checkpoints, metrics and the final model")
