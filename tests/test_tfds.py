@@ -393,3 +393,21 @@ def test_experiment_data_from_a_dataset_pool(tmp_path):
     _cmp_outputs(tmp_path / "a", tmp_path / "b", {})
     digest = dir_digest(tmp_path / "data")
     assert digest == dir_digest(tmp_path / "data" / "mini") and digest != dir_digest(tmp_path / "a" / "pool")
+
+
+def test_train_data_dataset_rows_and_errors(tmp_path):
+    """``train --data`` a dataset: the SFT file's rows, read before any model loads; a
+    pool of several files and a LLaMA-Factory ``dataset=`` are refused naming the fix."""
+    from scas_jax.data.tfds_pool import build_sft_dataset
+    from scas_jax.training.data import read_rows
+
+    rows = [{"id": 1, "instruction": "1+1?", "output": "2"}, {"instruction": "2+2?", "output": "4 ✓"}]
+    sft = write_pool(tmp_path / "sft", {"sft.jsonl": rows}) / "sft.jsonl"
+    version = build_sft_dataset(sft, tmp_path / "data")
+    path, got = read_rows(tmp_path / "data")
+    assert path == version / "sft.jsonl" and got == read_rows(sft)[1] == [(1, rows[0]), (2, rows[1])]
+    with pytest.raises(ScasError, match="dataset='x' names an entry .*drop dataset="):
+        read_rows(version, "x")
+    build(small_pool(tmp_path / "pool"), tmp_path / "several")
+    with pytest.raises(ScasError, match="--data .*a dataset of 3 files"):
+        read_rows(tmp_path / "several")
