@@ -268,6 +268,11 @@ def test_two_students_comparison_is_computed_and_written(two_students):
         same += pa == pb
         assert {"id": q, "student": pa, "other_student": pb} in cmp["picks"]
     assert cmp["agreeing_questions"] == same and cmp["agreement"] == pytest.approx(same / 12)
+    multi = [q for q in a if len(a[q]) >= 2]
+    picked = {p["id"]: p["student"] == p["other_student"] for p in cmp["picks"]}
+    same_multi = sum(picked[q] for q in multi)
+    assert cmp["questions_with_one_answer"] == 12 - len(multi)
+    assert cmp["agreement_multi"] == pytest.approx(same_multi / len(multi))
     lo, hi = cmp["agreement_ci"]
     assert 0.0 <= lo <= cmp["agreement"] <= hi <= 1.0
     xs = [a[q][t] for q in sorted(a) for t in sorted(a[q])]
@@ -368,6 +373,7 @@ def test_compare_students_counts_disagreement_and_ties(tmp_path):
     # q5 unverified: left out; q4: only t1, t2 in both; picks: q1 t1/t1, q2 t1/t3, q3 t3/t1 (tie by name), q4 t1/t2
     assert cmp["questions"] == 4 and cmp["candidates"] == 11
     assert cmp["agreeing_questions"] == 1 and cmp["agreement"] == pytest.approx(0.25)
+    assert cmp["agreement_multi"] == pytest.approx(0.25) and cmp["questions_with_one_answer"] == 0
     assert [(p["id"], p["student"], p["other_student"]) for p in cmp["picks"]] == [
         ("q1", "t1", "t1"), ("q2", "t1", "t3"), ("q3", "t3", "t1"), ("q4", "t1", "t2")]
     assert cmp["teacher_shares"]["student"] == {"t1": 0.75, "t3": 0.25}

@@ -4,7 +4,8 @@
 - **agreement**: the fraction of training questions where both students' ``scas_min``
   picks (the verified answer with the lowest ``scas_score``, ties by teacher name, as the
   arms choose) are the same answer (same teacher), with a 95 % percentile bootstrap
-  interval over questions;
+  interval over questions; ``agreement_multi`` the same over the questions with at least
+  two answers (a question with one answer agrees trivially);
 - **teacher shares** of each student's picks, and per teacher how often each student
   picks it and how often both do (``by_teacher``);
 - **rank correlation** of the two students' ``scas_score`` over the same candidates
@@ -113,6 +114,7 @@ def compare_students(scored: Path, scored_other: Path, bootstrap_samples: int = 
     within_arr = np.array(within, dtype=np.float64)
     eligible = sum(len(pairs[q]) >= MIN_WITHIN for q in questions)
     rho_global = spearman(xs, ys)
+    multi = np.array([picks_a[q] == picks_b[q] for q in questions if len(pairs[q]) >= 2], dtype=np.float64)
     return {
         "questions": n,
         "candidates": len(xs),
@@ -120,6 +122,8 @@ def compare_students(scored: Path, scored_other: Path, bootstrap_samples: int = 
         "agreement_ci": _ci(same, bootstrap_samples, bootstrap_seed),
         "agreeing_questions": int(same.sum()),
         "questions_with_one_answer": sum(len(pairs[q]) == 1 for q in questions),
+        "agreement_multi": float(multi.mean()) if len(multi) else None,
+        "agreement_multi_ci": _ci(multi, bootstrap_samples, bootstrap_seed),
         "teacher_shares": {"student": _shares(ca, n), "other_student": _shares(cb, n),
                            "both": _shares(both, n)},
         "by_teacher": by_teacher,
@@ -140,13 +144,15 @@ def comparison_markdown(cmp: dict[str, Any], student: str, other: str) -> str:
     """The ``results.md`` section of the comparison."""
     ci = cmp.get("agreement_ci") or [None, None]
     wci = cmp.get("spearman_within_ci") or [None, None]
+    mci = cmp.get("agreement_multi_ci") or [None, None]
     lines = [
         "## Student comparison", "",
         (f"`student` = {student}, `other_student` = {other}: the same {cmp['candidates']} verified training "
          f"answers of {cmp['questions']} questions, scored by both."), "",
         (f"- same `scas_min` pick: {cmp['agreeing_questions']}/{cmp['questions']} questions = "
          f"{_f(cmp['agreement'])} [{_f(ci[0])}, {_f(ci[1])}] (95 % bootstrap over questions; "
-         f"{cmp['questions_with_one_answer']} questions have one answer, so agree trivially)"),
+         f"{cmp['questions_with_one_answer']} questions have one answer, so agree trivially); "
+         f"{_f(cmp['agreement_multi'])} [{_f(mci[0])}, {_f(mci[1])}] over the questions with two or more"),
         (f"- Spearman rho of `scas_score`: {_f(cmp['spearman_global'])} over all answers; "
          f"{_f(cmp['spearman_within_mean'])} [{_f(wci[0])}, {_f(wci[1])}] mean within a question "
          f"({cmp['spearman_within_questions']} questions with >= {MIN_WITHIN} answers"
