@@ -236,7 +236,7 @@ def two_students(student, tmp_path_factory):
     args = ["experiment", "--config", str(SMOKE), "--out", str(out), "--set", f"student={student}",
             "--set", "chat_template=chatml", "--set", f"other_student={other}",
             "--set", "other_chat_template=plain", "--set", "arms=[base, scas_min, scas_min_other, strongest]",
-            "--set", "seeds=[0]", "--set", "generate_accuracy=false", "--set", "both_roles=true",
+            "--set", "seeds=[0]", "--set", "both_roles=true",
             "--no-progress"]
     assert main(args) == 0
     return out, args
@@ -328,6 +328,10 @@ def test_both_roles_swap_the_students_and_share_the_rest(two_students):
     assert c2["spearman_global"] == pytest.approx(c1["spearman_global"])
     r2 = json.loads((two / "results.json").read_text())
     assert r2["info"]["chat_template"] == "plain" and r2["info"]["student"].endswith("tiny_other")
+    # greedy accuracy with each student's template
+    for d, template in ((one, "chatml"), (two, "plain")):
+        m = json.loads((d / "runs" / "scas_min_other" / "seed_0" / "eval" / "metrics.json").read_text())
+        assert m["chat_template"] == template
     table = json.loads((out / "cross_training.json").read_text())
     assert [(Path(a["student"]).name, a["arm"]) for a in table["arms"]] == [
         (s, a) for s in ("tiny", "tiny_other") for a in ("base", "scas_min", "scas_min_other", "strongest")]

@@ -110,12 +110,10 @@ def run_experiment(config: str | Path | None, out: str | Path, overrides: list[s
         raise ScasError("scas-jax experiment runs as one process (one host, all its devices); "
                         "run its stages (score, train) multi-host on their own")
     check_teachers(cfg, pool_teachers(cfg.pool_dir()), where)  # before any model work
-    check_accuracy_template(cfg, where)
     if cfg.both_roles:
-        from scas_jax.experiment.roles import role_dirs, swapped
+        from scas_jax.experiment.roles import role_dirs
 
         role_dirs(cfg, where)
-        check_accuracy_template(swapped(cfg), where)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with compilation_cache(out / ".jax_cache"):
@@ -125,22 +123,6 @@ def run_experiment(config: str | Path | None, out: str | Path, overrides: list[s
             return run_both_roles(cfg, where, out, lambda c, w, o, shared=None: _stages(
                 c, w, o, progress, say, shared), say)
         return _stages(cfg, where, out, progress, say)[0]
-
-
-def check_accuracy_template(cfg: ExperimentConfig, where: str) -> None:
-    """Greedy accuracy with a named chat template needs ``evaluate(..., chat_template=)``."""
-    if not (cfg.generate_accuracy and cfg.chat_template):
-        return
-    import inspect
-
-    from scas_jax.evaluation.evaluate import evaluate
-
-    if "chat_template" not in inspect.signature(evaluate).parameters:
-        from scas_jax.errors import ScasError
-
-        raise ScasError(f"{where}: generate_accuracy with chat_template {cfg.chat_template!r} needs "
-                        "scas_jax.evaluation.evaluate(chat_template=...), which this version lacks; "
-                        "set generate_accuracy: false (held-out NLL uses the template)")
 
 
 def _template_settings(template: str) -> dict:

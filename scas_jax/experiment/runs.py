@@ -125,10 +125,9 @@ def run_one(cfg: ExperimentConfig, arm: str, seed: int | None, run_dir: Path, st
     if cfg.generate_accuracy:
         from scas_jax.evaluation.evaluate import evaluate
 
-        extra = {"chat_template": cfg.chat_template} if cfg.chat_template else {}  # see check_accuracy_template
         m = evaluate(model, questions, run_dir / "eval", max_new_tokens=cfg.max_new_tokens, mesh=mesh,
                      batch_size=cfg.eval_batch_size, dtype="float32", bootstrap_samples=cfg.bootstrap_samples,
-                     seed=cfg.bootstrap_seed, overwrite=True, **extra)
+                     seed=cfg.bootstrap_seed, overwrite=True, chat_template=cfg.chat_template or None)
         rec["accuracy"] = m["accuracy"]
         rec["verdicts"] = {id_key(p["id"]): p["verdict"] is True
                            for _, p in iter_jsonl(run_dir / "eval" / "predictions.jsonl")}
