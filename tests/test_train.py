@@ -408,7 +408,7 @@ def test_tfds_data_trains_and_resumes_like_its_jsonl(tmp_path):
     from scas_jax.training.loop import train
 
     student = make_student_dir(tmp_path / "student")
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(20))
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(40))
     built = build_sft_dataset(data, tmp_path / "tfds", "sft")
     settings = ["steps=6", "batch_size=8", "seq_len=128", "checkpoint_every=3", "warmup_steps=2",
                 "learning_rate=1e-2", "mesh=data=-1"]
@@ -423,8 +423,8 @@ def test_tfds_data_trains_and_resumes_like_its_jsonl(tmp_path):
         meta = ck.read_meta(3)
     finally:
         ck.close()
-    # one batch per epoch here: step 3 is the first batch of epoch 3
-    assert (meta["data_position"], meta["data_epoch"], meta["data_step_in_epoch"]) == (3, 3, 0)
+    # two batches per epoch here: step 3 is the second batch of epoch 1
+    assert (meta["data_position"], meta["data_epoch"], meta["data_step_in_epoch"]) == (3, 1, 1)
     shutil.rmtree(run / "checkpoints" / "6")
     shutil.rmtree(run / "final")
     again = train(student, built, run, None, [], resume=True, progress=False)  # the version dir
