@@ -16,7 +16,13 @@ Implementations:
   outside the sliding window are skipped. Differentiable through a flash-attention
   backward (a custom VJP that recomputes each visited tile from the saved
   log-sum-exp), so training at long lengths stores no ``[seq, seq]`` residual either.
-- ``auto``: ``blockwise`` when ``seq > 2 * block``, else ``xla``.
+- ``cudnn`` (NVIDIA GPU) and ``splash`` (TPU, Pallas): vendor flash-attention kernels,
+  see :mod:`scas_jax.models.attention_kernels`; where one does not apply (float32 on
+  cuDNN, an unsupported head dim, a traced window on splash, another backend) the
+  call falls back to ``blockwise`` and logs the reason once.
+- ``auto``: by backend (:func:`scas_jax.models.attention_kernels.choose_impl`): GPU ->
+  ``cudnn`` where it applies, TPU -> ``splash`` where available, otherwise (and on CPU)
+  ``blockwise`` when ``seq > 2 * block``, else ``xla``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from scas_jax.models import attention_kernels
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
@@ -194,10 +202,15 @@ blockwise_attention.defvjp(_vjp_fwd, _flash_backward)
 
 
 def attention(q, k, v, segment_ids, sliding_window=None, impl="xla", block=None):
-    """Dispatch on ``impl`` (``xla``, ``blockwise``, ``auto``); shapes as :func:`xla_attention`."""
+    """Dispatch on ``impl`` (``xla``, ``blockwise``, ``cudnn``, ``splash``, ``auto``);
+    shapes as :func:`xla_attention`."""
     block = block or BLOCK
-    if impl == "auto":
-        impl = "blockwise" if q.shape[1] > 2 * block else "xla"
+    if impl in ("auto", "cudnn", "splash"):
+        impl = attention_kernels.resolve(impl, q, sliding_window, block)
+    if impl == "cudnn":
+        return attention_kernels.cudnn_attention(q, k, v, segment_ids, sliding_window)
+    if impl == "splash":
+        return attention_kernels.splash_attention(q, k, v, segment_ids, sliding_window)
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids, sliding_window)
     if impl == "blockwise":

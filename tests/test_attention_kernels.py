@@ -1,0 +1,172 @@
+"""Accelerator attention kernels, tested on CPU.
+
+- ``choose_impl``: the backend-aware ``auto`` rule and the fallbacks, for every backend.
+- cuDNN: the mask/layout translation fed to ``jax.nn.dot_product_attention`` is run
+  through its ``xla`` implementation and must equal our attention (packed segments,
+  padding, static and traced sliding windows, GQA, an odd length), gradients too.
+- splash: the Pallas kernel in interpret mode (runs on CPU) against our attention.
+- On CPU an explicit ``cudnn``/``splash`` request falls back to ``blockwise`` (same
+  numbers) and logs why, once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scas_jax.models import attention as A
+from scas_jax.models import attention_kernels as K
+
+
+def _operands(b=2, t=13, h=4, kvh=2, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(b, t, kvh, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, t, kvh, d)), jnp.float32)
+    # row 0: two packed segments then padding; row 1: one segment then padding
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :5], seg[0, 5:t - 2] = 1, 2
+    seg[1, :t - 3] = 1
+    return q, k, v, jnp.asarray(seg)
+
+
+# ------------------------------------------------------------------ choose_impl
+
+
+@pytest.mark.parametrize("backend,dtype,head_dim,seq,want", [
+    ("cpu", "bfloat16", 64, 100, "xla"),
+    ("cpu", "float32", 64, 1000, "blockwise"),
+    ("gpu", "bfloat16", 64, 100, "cudnn"),
+    ("cuda", "float16", 128, 4096, "cudnn"),
+    ("gpu", "bfloat16", 256, 512, "cudnn"),
+    ("gpu", "float32", 64, 1000, "blockwise"),  # cuDNN takes no float32: the CPU rule
+    ("gpu", "float32", 64, 100, "xla"),
+    ("gpu", "bfloat16", 60, 1000, "blockwise"),  # head dim not a multiple of 8
+    ("gpu", "bfloat16", 320, 100, "xla"),  # head dim over 256
+    ("rocm", "bfloat16", 64, 1000, "blockwise"),  # no cuDNN on AMD
+    ("tpu", "bfloat16", 64, 100, "splash"),
+    ("tpu", "float32", 256, 5000, "splash"),
+])
+def test_choose_impl_auto(backend, dtype, head_dim, seq, want):
+    impl, _ = K.choose_impl(backend, seq, jnp.dtype(dtype), head_dim, block=128)
+    assert impl == want
+
+
+def test_choose_impl_fallbacks_and_reasons():
+    # Pre-Hopper GPUs: head dim 256 is over cuDNN's limit of 128
+    impl, why = K.choose_impl("gpu", 100, jnp.bfloat16, 256, cudnn_head_dim_max=128)
+    assert impl == "xla" and "head dim" in why
+    # TPU: kernel missing, or a traced (per-layer) window
+    assert K.choose_impl("tpu", 1000, jnp.bfloat16, 64, splash_available=False)[0] == "blockwise"
+    impl, why = K.choose_impl("tpu", 100, jnp.bfloat16, 64, static_window=False)
+    assert impl == "xla" and "window" in why
+    # explicit requests fall back to blockwise, with a reason
+    for req, backend in (("cudnn", "cpu"), ("cudnn", "tpu"), ("splash", "gpu"), ("splash", "cpu")):
+        impl, why = K.choose_impl(backend, 10, jnp.bfloat16, 64, requested=req)
+        assert impl == "blockwise" and why
+    impl, why = K.choose_impl("gpu", 10, jnp.float32, 64, requested="cudnn")
+    assert (impl, "float32" in why) == ("blockwise", True)
+    assert K.choose_impl("gpu", 10, jnp.bfloat16, 64, requested="cudnn") == ("cudnn", None)
+    assert K.choose_impl("tpu", 10, jnp.bfloat16, 64, requested="splash") == ("splash", None)
+    # xla/blockwise are honoured on every backend; no fallback reason
+    for backend in ("cpu", "gpu", "tpu"):
+        assert K.choose_impl(backend, 10, jnp.bfloat16, 64, requested="xla") == ("xla", None)
+        assert K.choose_impl(backend, 10, jnp.bfloat16, 64, requested="blockwise") == ("blockwise", None)
+    with pytest.raises(ValueError):
+        K.choose_impl("cpu", 10, jnp.bfloat16, 64, requested="flash")
+
+
+def test_cpu_auto_unchanged():
+    q, k, v, seg = _operands()
+    assert K.resolve("auto", q, None, 128, backend="cpu") == "xla"
+    q = jnp.zeros((1, 300, 4, 8))
+    assert K.resolve("auto", q, None, 128, backend="cpu") == "blockwise"
+
+
+def test_explicit_kernel_falls_back_on_cpu_and_logs_once(caplog):
+    q, k, v, seg = _operands()
+    ref = A.blockwise_attention(q, k, v, seg, 3, A.BLOCK)
+    K._logged.clear()
+    with caplog.at_level(logging.WARNING, logger=K.__name__):
+        for impl in ("cudnn", "cudnn", "splash"):
+            out = A.attention(q, k, v, seg, sliding_window=3, impl=impl)
+            np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    msgs = [r.getMessage() for r in caplog.records if r.name == K.__name__]
+    assert len(msgs) == 2 and all("blockwise" in m for m in msgs), msgs
+
+
+# ------------------------------------------------------------------ cuDNN translation
+
+
+@pytest.mark.parametrize("window", [None, 3, 100])
+@pytest.mark.parametrize("t", [13, 12])
+def test_cudnn_translation_matches_xla_attention(window, t):
+    q, k, v, seg = _operands(t=t)
+    ref = A.xla_attention(q, k, v, seg, window)
+    out = K.cudnn_attention(q, k, v, seg, window, implementation="xla")
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
+
+
+def test_cudnn_translation_traced_window_and_mqa():
+    q, k, v, seg = _operands(kvh=1)
+    f = jax.jit(lambda q, k, v, w: K.cudnn_attention(q, k, v, seg, w, implementation="xla"))
+    for w in (2, 5):
+        ref = A.xla_attention(q, k, v, seg, w)
+        np.testing.assert_allclose(np.asarray(f(q, k, v, jnp.int32(w))), np.asarray(ref), atol=2e-6)
+
+
+def test_cudnn_translation_gradients():
+    q, k, v, seg = _operands()
+    wt = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * wt), argnums=(0, 1, 2))(q, k, v)
+
+    ref = grads(lambda q, k, v: A.xla_attention(q, k, v, seg, 4))
+    got = grads(lambda q, k, v: K.cudnn_attention(q, k, v, seg, 4, implementation="xla"))
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+
+
+def test_segment_mask_with_causal_is_the_module_mask():
+    _, _, _, seg = _operands()
+    t = seg.shape[1]
+    causal = np.tril(np.ones((t, t), bool))
+    for w in (None, 3):
+        m = np.asarray(K.segment_mask(seg, None if w is None else jnp.int32(w)))[:, 0]
+        if w is not None:  # static windows go to local_window_size; traced ones into the mask
+            m = m & ((np.arange(t)[:, None] - np.arange(t)[None, :]) < w)
+        np.testing.assert_array_equal(m & causal, K.reference_mask_np(np.asarray(seg), w))
+
+
+# ------------------------------------------------------------------ splash (interpret mode)
+
+
+def test_splash_geometry():
+    assert K.splash_geometry(13) == (128, 128, None)
+    assert K.splash_geometry(1000, 64) == (1024, 512, (63, 0))
+    assert K.splash_geometry(384) == (384, 128, None)
+    seg = K.splash_segment_ids(jnp.ones((2, 5), jnp.int32), 128)
+    assert seg.dtype == jnp.int32 and seg.shape == (2, 128) and int(seg[0, 5]) == -1
+
+
+@pytest.mark.skipif(not K.splash_available(), reason="jax.experimental.pallas splash kernel not importable")
+def test_splash_interpret_matches_xla_attention():
+    q, k, v, seg = _operands()
+    for w in (None, 3):
+        ref = A.xla_attention(q, k, v, seg, w)
+        out = K.splash_attention(q, k, v, seg, w, interpret=True)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-6)
+    wt = jnp.asarray(np.random.default_rng(1).normal(size=q.shape), jnp.float32)
+
+    def grads(fn):
+        return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * wt), argnums=(0, 1, 2))(q, k, v)
+
+    ref = grads(lambda q, k, v: A.xla_attention(q, k, v, seg, 3))
+    got = grads(lambda q, k, v: K.splash_attention(q, k, v, seg, 3, interpret=True))
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
