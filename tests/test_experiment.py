@@ -389,3 +389,28 @@ def test_compare_students_counts_disagreement_and_ties(tmp_path):
     assert cmp["spearman_within_questions"] == 2 and cmp["spearman_within_skipped_ties"] == 1
     assert cmp["spearman_within_mean"] == pytest.approx(0.0)
     assert spearman([1, 2, 2, 3], [4, 1, 1, 0]) == pytest.approx(spearmanr([1, 2, 2, 3], [4, 1, 1, 0]).statistic)
+
+
+def test_a_changed_other_student_redoes_only_its_own_stages(two_students, capsys):
+    """Role 1 alone, the other student on another template: its scoring is redone, and
+    only the runs whose training answers changed; the split, the student's scores and
+    the other runs are kept. (Last: it changes the fixture's outputs.)"""
+    out, args = two_students
+    one = out / "tiny"
+    single = list(args)
+    for value in ("other_chat_template=plain", "both_roles=true"):
+        i = single.index(value)
+        del single[i - 1:i + 1]  # "--set", value
+    single[single.index("--out") + 1] = str(one)
+    single += ["--set", "other_chat_template=chatml", "--set", "both_roles=false"]
+    old = _lines(one / "arms" / "scas_min_other.jsonl")
+    capsys.readouterr()
+    assert main(single) == 0
+    text = capsys.readouterr().out
+    assert "[score_other] running" in text
+    for name in ("[data]", "[score]", "run:base:", "run:scas_min:seed0:", "run:strongest:seed0:"):
+        assert f"{name} done earlier with the same settings" in text, name
+    changed = _lines(one / "arms" / "scas_min_other.jsonl") != old
+    assert ("run:scas_min_other:seed0: training and evaluating" in text) == changed
+    assert json.loads((one / "comparison.json").read_text())["other_chat_template"] == "chatml"
+    assert json.loads((one / "scored_other" / "manifest.json").read_text())["chat_template"] == "chatml"

@@ -133,7 +133,7 @@ def _template_settings(template: str) -> dict:
     return {"chat_template": chat_template_label(template, "chat_template")} if template else {}
 
 
-def _convert_stage(stage, spec: str, dest: Path, name: str) -> Path:
+def _convert_stage(stage, spec: str, dest: Path, name: str, cascade: bool = True) -> Path:
     """``spec`` itself when it is a converted checkpoint, else converted once into ``dest``."""
     from scas_jax.convert import checkpoint
     from scas_jax.loader import resolve_path
@@ -143,7 +143,7 @@ def _convert_stage(stage, spec: str, dest: Path, name: str) -> Path:
         return src
     from scas_jax.convert.commands import convert
 
-    stage(name, {"student": spec}, dest, lambda: str(convert(spec, dest)))
+    stage(name, {"student": spec}, dest, lambda: str(convert(spec, dest)), cascade)
     return dest
 
 
@@ -155,7 +155,9 @@ def _stages(cfg: ExperimentConfig, where: str, out: Path, progress: bool, say: C
     log = StageLog(out, filename=STATE_FILE)
     t0 = time.time()
 
-    def stage(name: str, settings: dict, output: Path, fn: Callable[[], Any]) -> Any:
+    def stage(name: str, settings: dict, output: Path, fn: Callable[[], Any], cascade: bool = True) -> Any:
+        """Run or skip a stage; a stage that runs redoes every stage after it, unless not
+        ``cascade`` (the other student's: what depends on it is checked by content)."""
         action = log.decide(name, settings, report=say)
         if action == "skip" and output.exists():
             say(f"[{name}] done earlier with the same settings")
@@ -163,7 +165,7 @@ def _stages(cfg: ExperimentConfig, where: str, out: Path, progress: bool, say: C
         say(f"[{name}] running")
         if action != "resume":
             _remove(output)
-        log.start(name, settings, redo=True)
+        log.start(name, settings, redo=cascade)
         result = fn()
         log.finish(name, result)
         return result
@@ -192,7 +194,9 @@ def _prepare(cfg: ExperimentConfig, where: str, out: Path, stage, progress: bool
     """Stages 1-3: the students converted, the data split, the training pool scored."""
     # 1. student (and the other student)
     student = _convert_stage(stage, cfg.student, out / "student", "student")
-    other = _convert_stage(stage, cfg.other_student, out / "other_student", "other_student") \
+    # the other student's stages redo nothing after them: its picks reach the runs through the
+    # arm files (whose sha256 each run records) and the comparison is rewritten every time
+    other = _convert_stage(stage, cfg.other_student, out / "other_student", "other_student", cascade=False) \
         if cfg.other_student else None
 
     # 2. data
@@ -209,7 +213,7 @@ def _prepare(cfg: ExperimentConfig, where: str, out: Path, stage, progress: bool
     # 3. score (the base student, once; the other student too when there is one)
     scored, scored_other = out / "scored", out / "scored_other"
 
-    def score_stage(name: str, model: Path, spec: str, template: str, dest: Path) -> None:
+    def score_stage(name: str, model: Path, spec: str, template: str, dest: Path, cascade: bool = True) -> None:
         from scas_jax.scoring.commands import score
 
         def do_score():
@@ -220,12 +224,13 @@ def _prepare(cfg: ExperimentConfig, where: str, out: Path, stage, progress: bool
                     "tokens_per_s": m.get("tokens_per_s")}
 
         stage(name, {"student": spec, "lambda_scas": cfg.lambda_scas, "max_length": cfg.max_length,
-                     "train_pool_sha256": dir_digest(train_pool), **_template_settings(template)}, dest, do_score)
+                     "train_pool_sha256": dir_digest(train_pool), **_template_settings(template)}, dest, do_score,
+              cascade)
 
     if cfg.other_student or any(a in SCORED_ARMS for a in cfg.arms):
         score_stage("score", student, cfg.student, cfg.chat_template, scored)
     if other is not None:
-        score_stage("score_other", other, cfg.other_student, cfg.other_chat_template, scored_other)
+        score_stage("score_other", other, cfg.other_student, cfg.other_chat_template, scored_other, cascade=False)
     return {"student": student, "other": other, "data": data, "counts": counts, "scored": scored,
             "scored_other": scored_other}
 
