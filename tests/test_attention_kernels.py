@@ -64,6 +64,8 @@ def test_choose_impl_fallbacks_and_reasons():
     assert K.choose_impl("tpu", 1000, jnp.bfloat16, 64, splash_available=False)[0] == "blockwise"
     impl, why = K.choose_impl("tpu", 100, jnp.bfloat16, 64, static_window=False)
     assert impl == "xla" and "window" in why
+    impl, why = K.choose_impl("tpu", 1000, jnp.bfloat16, 64, devices=4)
+    assert impl == "blockwise" and "device" in why
     # explicit requests fall back to blockwise, with a reason
     for req, backend in (("cudnn", "cpu"), ("cudnn", "tpu"), ("splash", "gpu"), ("splash", "cpu")):
         impl, why = K.choose_impl(backend, 10, jnp.bfloat16, 64, requested=req)

@@ -20,7 +20,8 @@ take:
   ``CausalMask`` (a ``LocalMask`` of ``(window - 1, 0)`` with a sliding window), one
   MQA kernel per key/value head (its ``heads // kv_heads`` query heads), vmapped over
   key/value heads and the batch. The sequence is padded to a multiple of 128 (padding
-  gets segment id -1). A traced window cannot build a static splash mask: blockwise.
+  gets segment id -1). A traced window cannot build a static splash mask, and a Pallas
+  call is not partitioned across a multi-device mesh: both fall back to blockwise.
   Imported lazily, only when used.
 
 :func:`choose_impl` is the backend-aware rule behind ``impl="auto"``, a pure function
@@ -69,11 +70,14 @@ def cudnn_unsupported(dtype, head_dim: int, head_dim_max: int = 256) -> str | No
 
 def choose_impl(backend: str, seq: int, dtype, head_dim: int, *, block: int = 128,
                 static_window: bool = True, splash_available: bool = True,
-                cudnn_head_dim_max: int = 256, requested: str = "auto") -> tuple[str, str | None]:
+                cudnn_head_dim_max: int = 256, devices: int = 1,
+                requested: str = "auto") -> tuple[str, str | None]:
     """``(implementation, fallback reason or None)`` for ``requested`` on ``backend``.
 
     ``auto``: GPU (CUDA) -> ``cudnn`` where cuDNN takes the operands; TPU -> ``splash``
-    where the kernel is importable and the window static; otherwise (and on CPU) the
+    where the kernel is importable, the window static and there is one device (a Pallas
+    call is not partitioned by the compiler; a multi-chip mesh would need a shard_map
+    around it, not wired yet); otherwise (and on CPU) the
     portable rule (``blockwise`` past ``2 * block`` tokens, else ``xla``). A requested
     ``cudnn``/``splash`` that does not apply falls back to ``blockwise``; ``xla`` and
     ``blockwise`` are returned as they are.
@@ -100,6 +104,8 @@ def choose_impl(backend: str, seq: int, dtype, head_dim: int, *, block: int = 12
         return fallback, "the Pallas splash-attention kernel is not importable"
     if not static_window:
         return fallback, "splash attention needs a static sliding window (per-layer windows are traced)"
+    if devices > 1:
+        return fallback, f"splash attention is wired for one device, not a {devices}-device mesh"
     return "splash", None
 
 
@@ -145,6 +151,7 @@ def resolve(impl: str, q, sliding_window, block: int, backend: str | None = None
         static_window=is_static(sliding_window),
         splash_available=splash_available() if str(backend).lower() == "tpu" else False,
         cudnn_head_dim_max=_cudnn_head_dim_max() if str(backend).lower() in ("gpu", "cuda") else 256,
+        devices=jax.device_count() if str(backend).lower() == "tpu" else 1,
         requested=impl)
     if why:
         _log_once(f"attention {impl!r}: using {chosen!r}: {why}")
