@@ -583,3 +583,23 @@ def test_stale_journal_reasons(tmp_path):
         tmp_path / JOURNAL_DIR / "junk.jsonl": "written by another version of scas_jax",
         tmp_path / JOURNAL_DIR / "old.jsonl": "inputs.b changed; lambda_scas 0.3 -> 0.5; limit null -> 8",
     }
+
+
+# ------------------------------------------------------------------ --profile
+
+
+def test_profile_writes_a_trace_and_the_same_scores(tiny_llama_dir, tmp_path, capsys):
+    rows = {t: gsm8k(t, 4) for t in TEACHERS[:2]}
+    pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": r for t, r in rows.items()})
+    common = ["score", "--student", str(tiny_llama_dir), "--candidate-dir", str(pool),
+              "--batch-tokens", "256", "--max-length", "1024", "--dtype", "float32"]
+    assert cli_main(common + ["--output-dir", str(tmp_path / "plain")]) == 0
+    prof = tmp_path / "prof"
+    assert cli_main(common + ["--output-dir", str(tmp_path / "traced"), "--profile", str(prof)]) == 0
+    err = capsys.readouterr().err
+    assert "profile: trace of" in err and str(prof) in err and "perfetto" in err
+    assert list(prof.glob("plugins/profile/*/*.xplane.pb"))
+    for t in TEACHERS[:2]:
+        got = read_jsonl(tmp_path / "traced" / f"{t}_scas_scores.jsonl")
+        want = read_jsonl(tmp_path / "plain" / f"{t}_scas_scores.jsonl")
+        assert got == want

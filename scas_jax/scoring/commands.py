@@ -116,6 +116,7 @@ class Request:
     on_batch: BatchCallback | None
     chat_template: str | None = None  # --chat-template as given (None: the tokenizer's own)
     chat_template_label: str = "tokenizer"  # what the manifest records
+    profile: Path | None = None  # --profile DIR: a jax.profiler trace of a few batches
 
     @property
     def student_name(self) -> str:
@@ -425,11 +426,18 @@ def _run(req: Request, plan: Plan, st, params) -> Run:
     bar = tqdm(total=sum(len(p.items) for p in prepared.plans),
                initial=sum(len(v) for v in journal.done.values()), unit="row", desc="scoring",
                disable=not (req.progress and main), dynamic_ncols=True, file=sys.stderr)
+    from scas_jax.profiling import StepProfiler
+
+    prof = StepProfiler(req.profile, total=n_batches - len(done), say=_say, what="batch")
     t_loop = time.time()
     new_tokens = new_rows = 0
+    scored = 0
     try:
+        prof.after(0)
         for k, batch_items in iter_scored_batches(params, st.cfg, prepared, req.cfg, plan.mesh,
                                                   skip=done.__contains__):
+            scored += 1
+            prof.after(scored)  # the batch's fields are on the host: the step is over
             journal.record(k, batch_items)
             new_rows += len(batch_items)
             new_tokens += sum(lengths[i] for i, _ in batch_items)
@@ -438,6 +446,7 @@ def _run(req: Request, plan: Plan, st, params) -> Run:
             if req.on_batch is not None and main:
                 req.on_batch(len(journal.done), n_batches)
     finally:
+        prof.close(scored)
         bar.close()
         journal.close()
     fields = {i: f for batch in journal.done.values() for i, f in batch}
@@ -599,6 +608,7 @@ def score(
     on_batch: BatchCallback | None = None,
     per_token: bool = False,
     chat_template: str | None = None,
+    profile: str | Path | None = None,
 ) -> dict:
     """Score every candidate of ``candidate_dir`` into ``output_dir``; return the manifest.
 
@@ -622,6 +632,9 @@ def score(
       chat_template: ``chatml``, ``gemma``, ``plain`` or a Jinja file
         (:mod:`scas_jax.data.chat`); None: the tokenizer's own (an error when it has
         none). The manifest records it as ``chat_template``.
+      profile: a directory: write a :mod:`jax.profiler` trace of a few batches (the
+        third to the fifth scored, or the first ones of a shorter run) under it
+        (:mod:`scas_jax.profiling`); the scores are the same.
     Raises:
       ScasError: bad input (pool file:line, lambda, target layer, settings, student path),
         always before the model is loaded.
@@ -633,6 +646,7 @@ def score(
                     include_unverified=include_unverified, dtype=dtype,
                     max_segments=max_segments, progress=progress, on_batch=on_batch,
                     chat_template=chat_template)
+    req.profile = Path(profile) if profile else None
     if per_token:
         from scas_jax.scoring.token_costs import check_supported
 
@@ -675,7 +689,7 @@ def _cmd(args: argparse.Namespace) -> int:
         target_layer=args.target_layer, mesh=args.mesh, batch_tokens=args.batch_tokens,
         max_length=args.max_length, limit=args.limit, skip_existing=args.skip_existing,
         include_unverified=args.include_unverified, dtype=args.dtype, per_token=args.per_token,
-        chat_template=args.chat_template,
+        chat_template=args.chat_template, profile=args.profile,
     )  # fmt: skip
     if is_main_process():
         _print_summary(m, Path(args.output_dir))
@@ -745,4 +759,8 @@ def register(sub) -> None:
                    help="also write <teacher>_token_costs.jsonl: every answer token with its NLL "
                         "and SCAS cost (the costs of a row sum to its scas_score); one more "
                         "forward pass, one process")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="write a jax.profiler trace of a few batches (the 3rd to 5th scored, "
+                        "after compilation) under DIR; view with TensorBoard's profile plugin "
+                        "or ui.perfetto.dev (the command says where)")
     p.set_defaults(func=_cmd)
