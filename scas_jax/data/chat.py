@@ -214,6 +214,13 @@ def special_token_ids(tokenizer: Any) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+def prompt_key(messages: list[dict[str, str]]) -> bytes:
+    """16-byte digest of a row's system and user texts: what its prompt depends on."""
+    system, user = messages[0]["content"], messages[1]["content"]
+    blob = f"{len(system)}:{system}{user}".encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(blob, digest_size=16).digest()
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -225,6 +232,11 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 def prompt_boundary(prompt_ids: Sequence[int], full_ids: Sequence[int]) -> int:
     """n_prompt of step 3, with the reference's common-prefix fallback."""
     n_prompt = len(prompt_ids)
+    if isinstance(prompt_ids, np.ndarray):  # the same test, in numpy
+        if 0 < n_prompt <= len(full_ids) and not np.array_equal(
+                np.asarray(full_ids[:n_prompt], dtype=np.int64), prompt_ids):
+            n_prompt = common_prefix_len(prompt_ids.tolist(), list(full_ids))
+        return n_prompt
     if 0 < n_prompt <= len(full_ids) and list(full_ids[:n_prompt]) != list(prompt_ids):
         n_prompt = common_prefix_len(prompt_ids, full_ids)
     return n_prompt
@@ -301,22 +313,70 @@ class ChatEncoder:
         return out
 
     def iter_batches(
-        self, rows: Iterable[dict[str, Any]], batch_size: int = 512
+        self, rows: Iterable[dict[str, Any]], batch_size: int = 512,
+        prompt_cache: dict | None = None,
     ) -> Iterator[list[Encoded | RowError]]:
         """Lazily encode ``rows`` (any iterable) ``batch_size`` at a time, in order; for a
-        producer thread feeding the device."""
+        producer thread feeding the device.
+
+        ``prompt_cache``: a dict this encoder fills with the prompt ids of every distinct
+        (system, instruction) it renders (keyed by a 16-byte digest), so the prompt of a
+        question answered by several teachers is rendered and tokenized once. The results
+        are identical with and without it (the prompt is a function of those two texts).
+        """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         batch: list[dict[str, Any]] = []
         for row in rows:
             batch.append(row)
             if len(batch) == batch_size:
-                yield self._encode_batch(batch)
+                yield self._encode_batch(batch, prompt_cache)
                 batch = []
         if batch:
-            yield self._encode_batch(batch)
+            yield self._encode_batch(batch, prompt_cache)
 
-    def _encode_batch(self, rows: list[dict[str, Any]]) -> list[Encoded | RowError]:
+    def _render(self, messages: list[dict[str, str]], prompt: bool) -> str:
+        if prompt:
+            return self.tokenizer.apply_chat_template(
+                messages[:-1], tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False)
+
+    def _encode_batch(self, rows: list[dict[str, Any]],
+                      prompt_cache: dict | None = None) -> list[Encoded | RowError]:
+        if prompt_cache is None:
+            return self._encode_batch_plain(rows)
+        results: list[Encoded | RowError | None] = [None] * len(rows)
+        texts: list[str] = []
+        fulls: list[tuple[int, int, bytes]] = []  # (row, text index of full, prompt key)
+        new_prompts: dict[bytes, int] = {}  # prompt key -> text index, rendered in this batch
+        for i, row in enumerate(rows):
+            error = missing_fields_error(row)
+            if error is not None:
+                results[i] = RowError(error)
+                continue
+            messages = build_messages(row)
+            key = prompt_key(messages)
+            try:  # same order as texts(): the prompt first, then the full text
+                if key not in prompt_cache and key not in new_prompts:
+                    prompt = self._render(messages, True)
+                    new_prompts[key] = len(texts)
+                    texts.append(prompt)
+                full = self._render(messages, False)
+            except Exception as exc:  # a template may reject a row; keep it as an error row
+                results[i] = RowError(f"chat template failed: {exc}")
+                continue
+            fulls.append((i, len(texts), key))
+            texts.append(full)
+        if texts:
+            ids = self.tokenizer(texts)["input_ids"]
+            for key, k in new_prompts.items():
+                prompt_cache[key] = np.asarray(ids[k], dtype=np.int32)
+            for i, k, key in fulls:
+                results[i] = self.encode_ids(prompt_cache[key], ids[k])
+        return results  # type: ignore[return-value]
+
+    def _encode_batch_plain(self, rows: list[dict[str, Any]]) -> list[Encoded | RowError]:
         results: list[Encoded | RowError | None] = [None] * len(rows)
         texts: list[str] = []
         slots: list[int] = []

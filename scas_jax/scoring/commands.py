@@ -8,7 +8,8 @@
    teachers ``--skip-existing`` may keep (those whose manifest record says they were
    made from the same inputs and settings), the manifest's settings;
 3. :func:`_load`: the student's parameters on the mesh;
-4. :func:`_run`: tokenize and plan the batches once (:func:`scorer.prepare`), score the
+4. :func:`_run`: tokenize and plan the batches once (:func:`scorer.prepare_stream`:
+   one streaming pass, no token arrays held), score the
    batches the journal (:mod:`scas_jax.scoring.journal`) does not list yet, journaling
    each one as it finishes;
 5. :func:`_write`: ``<teacher>_scas_scores.jsonl`` per teacher and ``manifest.json``,
@@ -44,6 +45,9 @@ RESULT_SETTINGS = ("lambda_scas", "target_layer", "dtype", "max_length", "max_se
                    "limit", "include_unverified")
 
 BatchCallback = Callable[[int, int], None]
+# The streaming input stage (scorer.prepare_stream); False: scorer.prepare, the
+# in-memory reference (tests/test_input_stream.py compares the two).
+STREAM_INPUT = True
 
 # ---------------------------------------------------------------- 1. validate
 
@@ -406,22 +410,33 @@ def _open_journal(req: Request, plan: Plan, prepared, divisor: int):
     return journal, stale
 
 
-def _run(req: Request, plan: Plan, st, params) -> Run:
-    """Tokenize and plan once, then score every batch the journal does not list yet."""
+def _run(req: Request, plan: Plan, st, params, stream: bool = True) -> Run:
+    """Tokenize and plan once, then score every batch the journal does not list yet.
+
+    ``stream``: the input stage of :func:`scorer.prepare_stream` (one pass keeping
+    per-row numbers, token ids spilled to an unlinked file in the output directory,
+    each batch rebuilt from its rows only); else :func:`scorer.prepare` (every row's
+    arrays in memory; ``--per-token`` needs them). Same plan, digest and scores."""
     from tqdm import tqdm
 
     from scas_jax.parallel import batch_divisor, is_main_process
-    from scas_jax.scoring.scorer import iter_scored_batches, prepare
+    from scas_jax.scoring.scorer import iter_scored_batches, prepare, prepare_stream
 
     items = [(f.teacher, c) for f in plan.todo for c in f.rows]
     divisor = batch_divisor(plan.mesh)
     t0 = time.time()
-    prepared = prepare([c.row for _, c in items], st.tokenizer, req.cfg, row_multiple=divisor)
+    rows = (c.row for _, c in items)
+    if stream:
+        req.output_dir.mkdir(parents=True, exist_ok=True)
+        prepared = prepare_stream(rows, st.tokenizer, req.cfg, row_multiple=divisor,
+                                  spill_dir=req.output_dir)
+    else:
+        prepared = prepare(list(rows), st.tokenizer, req.cfg, row_multiple=divisor)
     t_prep = time.time() - t0
     journal, stale = _open_journal(req, plan, prepared, divisor)
     n_batches = len(prepared.plans)
     done = _agree_on_done(journal, n_batches)
-    lengths = [0 if isinstance(e, str) else e.length for e in prepared.encoded]
+    lengths = prepared.length
     main = is_main_process()
     bar = tqdm(total=sum(len(p.items) for p in prepared.plans),
                initial=sum(len(v) for v in journal.done.values()), unit="row", desc="scoring",
@@ -440,7 +455,7 @@ def _run(req: Request, plan: Plan, st, params) -> Run:
             prof.after(scored)  # the batch's fields are on the host: the step is over
             journal.record(k, batch_items)
             new_rows += len(batch_items)
-            new_tokens += sum(lengths[i] for i, _ in batch_items)
+            new_tokens += sum(lengths(i) for i, _ in batch_items)
             bar.update(len(batch_items))
             bar.set_postfix_str(f"{new_tokens / max(time.time() - t_loop, 1e-9):,.0f} tok/s")
             if req.on_batch is not None and main:
@@ -449,6 +464,8 @@ def _run(req: Request, plan: Plan, st, params) -> Run:
         prof.close(scored)
         bar.close()
         journal.close()
+        if stream:
+            prepared.close()  # the spill file; errors and lengths stay readable
     fields = {i: f for batch in journal.done.values() for i, f in batch}
     return Run(items=items, prepared=prepared, fields=fields, journal=journal,
                fingerprint=journal.fingerprint, stale_journals=stale, tokenize_time_s=t_prep,
@@ -457,17 +474,7 @@ def _run(req: Request, plan: Plan, st, params) -> Run:
 
 def _prepared_digest(prepared) -> str:
     """Hash of every item's tokens and boundary, every error message and the plan."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for e in prepared.encoded:
-        if isinstance(e, str):
-            h.update(b"E" + e.encode("utf-8"))
-        else:
-            h.update(b"T%d:" % e.n_prompt + e.ids.tobytes())
-    for p in prepared.plans:
-        h.update(repr((p.length, p.rows)).encode())
-    return h.hexdigest()
+    return prepared.digest()
 
 
 def _process0_mask(mask):
@@ -512,21 +519,22 @@ def _teacher_rows(req: Request, plan: Plan, run: Run, manifest: dict) -> dict[st
     from scas_jax.scoring.fields import error_fields
 
     main = is_main_process()
-    encoded = run.prepared.encoded
-    missing = [i for i, e in enumerate(encoded) if not isinstance(e, str) and i not in run.fields]
+    prepared = run.prepared
+    missing = [i for i in range(len(prepared))
+               if prepared.error(i) is None and i not in run.fields]
     if missing and main:  # cannot happen unless the plan lost items: never write partial files
         raise RuntimeError(f"internal error: {len(missing)} planned rows were not scored")
     per_teacher: dict[str, list[dict]] = {f.teacher: [] for f in plan.todo}
     counts = {f.teacher: {"rows": 0, "errors": 0, "tokens": 0} for f in plan.todo}
     for i, (teacher, cand) in enumerate(run.items):
-        e = encoded[i]
+        e = prepared.error(i)
         if main:  # other hosts hold no fields of the batches process 0 had journaled
-            f = error_fields(e, req.cfg.lambda_scas) if isinstance(e, str) else run.fields[i]
+            f = error_fields(e, req.cfg.lambda_scas) if e is not None else run.fields[i]
             per_teacher[teacher].append(_output_row(cand.row, cand.teacher, f))
         c = counts[teacher]
         c["rows"] += 1
-        c["errors"] += isinstance(e, str)
-        c["tokens"] += 0 if isinstance(e, str) else e.length
+        c["errors"] += e is not None
+        c["tokens"] += prepared.length(i)
     for teacher, c in counts.items():
         manifest["teachers"][teacher].update(c)
     return per_teacher
@@ -658,7 +666,7 @@ def score(
         _write(req, plan, manifest, {})
         return manifest
     st, params = _load(req, plan)
-    run = _run(req, plan, st, params)
+    run = _run(req, plan, st, params, stream=STREAM_INPUT and not per_token)
     per_teacher = _teacher_rows(req, plan, run, manifest)
     manifest.update(_totals(req, run, t_start))
     if per_token:

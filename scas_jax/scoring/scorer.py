@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-from typing import Any, Callable, Iterator, Sequence
+import hashlib
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -60,6 +61,195 @@ class Prepared:
     @property
     def error_items(self) -> list[int]:
         return [i for i, e in enumerate(self.encoded) if isinstance(e, str)]
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def error(self, i: int) -> str | None:
+        """Item ``i``'s error message, None when it is scored."""
+        e = self.encoded[i]
+        return e if isinstance(e, str) else None
+
+    def length(self, i: int) -> int:
+        """Item ``i``'s tokens (0 for an error item)."""
+        e = self.encoded[i]
+        return 0 if isinstance(e, str) else e.length
+
+    def digest(self) -> str:
+        """sha256 of every item's tokens and boundary, every error message and the plan
+        (the journal's ``tokens_and_plan``)."""
+        h = hashlib.sha256()
+        for e in self.encoded:
+            _digest_item(h, e if isinstance(e, str) else None, e)
+        _digest_plans(h, self.plans)
+        return h.hexdigest()
+
+    def seqs_for(self, items: Sequence[int]) -> dict[int, dict]:
+        """The arrays of ``items`` (scored items), as :func:`materialise` takes them."""
+        return {i: _as_seq(self.encoded[i]) for i in items}
+
+    def close(self) -> None:
+        pass
+
+
+def _digest_item(h, error: str | None, e: Encoded | None) -> None:
+    if error is not None:
+        h.update(b"E" + error.encode("utf-8"))
+    else:
+        h.update(b"T%d:" % e.n_prompt + e.ids.tobytes())
+
+
+def _digest_plans(h, plans: Sequence[BatchPlan]) -> None:
+    for p in plans:
+        h.update(repr((p.length, p.rows)).encode())
+
+
+class _Seq(dict):
+    """One item's arrays, rebuilt from the spill (weak-referenceable, to count them)."""
+
+
+class StreamPrepared:
+    """Rows tokenized once and planned, holding no token arrays in memory.
+
+    The first pass (:func:`prepare_stream`) keeps per item its length, prompt boundary
+    and error message, and appends the token ids of every scored item to a spill file
+    (an unlinked temporary file: int32 ids, item after item; ``offsets[i]`` is where
+    item ``i`` starts). :meth:`seqs_for` reads back the ids of one batch's items and
+    rebuilds their masks (:func:`scas_jax.data.chat.build_masks`, as the encoder does),
+    so a batch is materialised from a bounded window of rows: the ids, boundaries, masks,
+    plan and digest are those of :func:`prepare` on the same rows.
+
+    ``alive``/``peak_alive`` count the item arrays built by :meth:`seqs_for` that are
+    still referenced (the bounded-window check of tests/test_input_stream.py).
+    """
+
+    def __init__(self, lengths: np.ndarray, n_prompt: np.ndarray, errors: dict[int, str],
+                 plans: list[BatchPlan], stats: dict, digest: str, spill, special_ids):
+        import threading
+
+        self.lengths = lengths
+        self.n_prompt = n_prompt
+        self.errors = errors
+        self.plans = plans
+        self.stats = stats
+        self._digest = digest
+        self._spill = spill
+        self.offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.special_ids = special_ids
+        self.alive = 0
+        self.peak_alive = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def error_items(self) -> list[int]:
+        return sorted(self.errors)
+
+    def error(self, i: int) -> str | None:
+        return self.errors.get(i)
+
+    def length(self, i: int) -> int:
+        return int(self.lengths[i])
+
+    def digest(self) -> str:
+        return self._digest
+
+    def _release(self) -> None:
+        with self._lock:
+            self.alive -= 1
+
+    def seqs_for(self, items: Sequence[int]) -> dict[int, dict]:
+        import os
+        import weakref
+
+        from scas_jax.data.chat import build_masks
+
+        out = {}
+        fd = self._spill.fileno()
+        for i in items:
+            n = int(self.lengths[i])
+            raw = os.pread(fd, 4 * n, 4 * int(self.offsets[i]))
+            if len(raw) != 4 * n:
+                raise RuntimeError(f"internal error: spill file short read for item {i}")
+            ids = np.frombuffer(raw, dtype=np.int32)
+            q, a, nq, na = build_masks(ids, int(self.n_prompt[i]), self.special_ids)
+            seq = _Seq(tokens=ids, question_mask=q, answer_mask=a, nll_question_mask=nq,
+                       nll_answer_mask=na)
+            with self._lock:
+                self.alive += 1
+                self.peak_alive = max(self.peak_alive, self.alive)
+            weakref.finalize(seq, self._release)
+            out[i] = seq
+        return out
+
+    def close(self) -> None:
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
+
+
+def prepare_stream(rows: Iterable[dict], tokenizer: Any, cfg: ScoreConfig, row_multiple: int = 1,
+                   encoder: ChatEncoder | None = None, spill_dir=None,
+                   batch_size: int = 512) -> StreamPrepared:
+    """:func:`prepare` in one streaming pass over ``rows`` (any iterable, read once).
+
+    Keeps O(1) numbers per row (length, boundary; error messages), writes the token ids
+    to a spill file in ``spill_dir`` (default: the system's temporary directory) and
+    renders/tokenizes the prompt of each distinct (system, instruction) once. Same
+    errors, plan, stats and digest as :func:`prepare`; close the result when done.
+    """
+    import array
+    import hashlib as _hashlib
+    import tempfile
+
+    encoder = encoder or ChatEncoder(tokenizer)
+    spill = tempfile.TemporaryFile(dir=spill_dir, prefix=".scas_spill_")
+    lengths = array.array("q")
+    n_prompt = array.array("q")
+    errors: dict[int, str] = {}
+    h = _hashlib.sha256()
+    prompt_cache: dict = {}
+    i = 0
+    try:
+        for batch in encoder.iter_batches(rows, batch_size, prompt_cache=prompt_cache):
+            chunk = []
+            for e in batch:
+                if isinstance(e, RowError):
+                    msg = e.message
+                elif e.length > cfg.max_length:
+                    msg = f"sequence of {e.length} tokens exceeds --max-length {cfg.max_length}"
+                else:
+                    msg = None
+                if msg is not None:
+                    errors[i] = msg
+                    lengths.append(0)
+                    n_prompt.append(0)
+                    _digest_item(h, msg, None)
+                else:
+                    lengths.append(e.length)
+                    n_prompt.append(e.n_prompt)
+                    _digest_item(h, None, e)
+                    chunk.append(e.ids.tobytes())
+                i += 1
+            spill.write(b"".join(chunk))
+        spill.flush()
+    except BaseException:
+        spill.close()
+        raise
+    del prompt_cache
+    lengths_np = np.frombuffer(lengths, dtype=np.int64).astype(np.int32)
+    ok = np.flatnonzero(lengths_np > 0).tolist()
+    plans = plan_batches(lengths_np[ok].tolist(), max_length=cfg.max_length,
+                         batch_tokens=cfg.batch_tokens * row_multiple,
+                         max_segments=cfg.max_segments, row_multiple=row_multiple)
+    plans = [BatchPlan(p.length, tuple(tuple(ok[j] for j in row) for row in p.rows)) for p in plans]
+    _digest_plans(h, plans)
+    stats = padding_stats(plans, lengths_np.astype(np.int64))
+    return StreamPrepared(lengths_np, np.frombuffer(n_prompt, dtype=np.int64).astype(np.int32),
+                          errors, plans, stats, h.hexdigest(), spill, encoder.special_ids)
 
 
 def _as_seq(e: Encoded) -> dict:
@@ -117,15 +307,15 @@ def iter_scored_batches(
     check_lambda(cfg.lambda_scas)
     fn = compiled_stats(model_cfg, cfg.max_segments, cfg.target_layer, cfg.dtype,
                         cfg.attn_impl, cfg.vocab_chunk)
-    seqs = {i: _as_seq(e) for i, e in enumerate(prepared.encoded) if not isinstance(e, str)}
     todo = [k for k in range(len(prepared.plans)) if not skip(k)]
 
     def run(batch):  # traced under the dtype's matmul precision (models/precision.py)
         with matmul_precision(cfg.dtype):
             return executable(fn, params, batch)(params, batch)
 
-    def build(k):
+    def build(k):  # only this batch's items' arrays: a bounded window (StreamPrepared)
         plan = prepared.plans[k]
+        seqs = prepared.seqs_for(plan.items)
         if mesh is None:
             return materialise(plan, seqs, _SEQ_KEYS)
         from scas_jax.parallel import global_rows

@@ -1,0 +1,191 @@
+"""The streaming input stage of ``scas-jax score`` (issue 11 item 3).
+
+:func:`scas_jax.scoring.scorer.prepare_stream` reads the rows once, keeps per-row
+numbers and spills the token ids; batches are rebuilt from their own rows. Checked
+against :func:`scas_jax.scoring.scorer.prepare`, the in-memory reference:
+
+* the same errors, lengths, plan, stats, journal digest and batch arrays, with the
+  SmolLM2 tokenizer and the tiny one, with and without the prompt cache;
+* a bounded window by construction: the item arrays alive at once never exceed two
+  batches' items (a counter, not RSS);
+* ``score`` gives the same score files, manifest totals and journal as the reference
+  path, and a streamed run interrupted and resumed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny_tokenizer
+from scas_jax.assets import GSM8K_POOL
+from scas_jax.data.chat import ChatEncoder
+from scas_jax.data.packing import materialise
+from scas_jax.scoring import commands
+from scas_jax.scoring.journal import JOURNAL_DIR
+from scas_jax.scoring.scorer import ScoreConfig, prepare, prepare_stream
+
+KEYS = ("tokens", "question_mask", "answer_mask", "nll_question_mask", "nll_answer_mask")
+TEACHERS = ("human_reference", "gpt3_175b_verification", "gpt3_6b_verification")
+
+
+def gsm8k(teacher: str, n: int) -> list[dict]:
+    with open(GSM8K_POOL / f"{teacher}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in list(f)[:n]]
+
+
+def pool_rows(n: int = 6) -> list[dict]:
+    """Teacher-major rows (the same questions under every teacher, like a pool) and
+    edge rows: an error row, a row over max_length, an empty system, a row whose
+    prompt/answer tokens merge (the common-prefix fallback)."""
+    rows = [r for t in TEACHERS for r in gsm8k(t, n)]
+    rows += [
+        {"id": "bad", "instruction": "", "teacher_output": "x"},
+        {"id": "long", "instruction": "Say a lot.", "teacher_output": "word " * 1200},
+        {"id": "nosys", "system": "", "instruction": "Add 2 and 2.", "teacher_output": "4"},
+        {"id": "dup", "system": "", "instruction": "Add 2 and 2.", "teacher_output": "four"},
+    ]
+    return rows
+
+
+def assert_same_prepared(ref, got) -> None:
+    assert len(got) == len(ref)
+    assert got.error_items == ref.error_items
+    assert [got.error(i) for i in range(len(got))] == [ref.error(i) for i in range(len(ref))]
+    assert [got.length(i) for i in range(len(got))] == [ref.length(i) for i in range(len(ref))]
+    assert got.plans == ref.plans
+    assert got.stats == ref.stats
+    assert got.digest() == ref.digest()
+    for plan in ref.plans:
+        want = materialise(plan, ref.seqs_for(plan.items), KEYS)
+        have = materialise(plan, got.seqs_for(plan.items), KEYS)
+        assert want.keys() == have.keys()
+        for k in want:
+            assert want[k].dtype == have[k].dtype and np.array_equal(want[k], have[k]), k
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_stream_matches_reference(which, request):
+    tok = tiny_tokenizer.build() if which == "tiny" else request.getfixturevalue("smollm2_tokenizer")
+    rows = pool_rows()
+    cfg = ScoreConfig(batch_tokens=2048, max_length=1024 if which == "smollm2" else 2048,
+                      max_segments=4)
+    ref = prepare(rows, tok, cfg, row_multiple=2)
+    assert ref.error_items  # the edge rows are errors (missing field, too long)
+    got = prepare_stream(iter(rows), tok, cfg, row_multiple=2, batch_size=5)
+    try:
+        assert_same_prepared(ref, got)
+    finally:
+        got.close()
+
+
+def test_prompt_cache_gives_identical_encodings(smollm2_tokenizer):
+    rows = pool_rows(4)
+    enc = ChatEncoder(smollm2_tokenizer)
+    plain = enc.encode_rows(rows, batch_size=3)
+    cache: dict = {}
+    cached = [e for b in enc.iter_batches(rows, 3, prompt_cache=cache) for e in b]
+    assert len(cache) == 4 + 2  # one prompt per distinct (system, instruction)
+    for a, b in zip(plain, cached):
+        assert type(a) is type(b)
+        if hasattr(a, "ids"):
+            assert a.n_prompt == b.n_prompt
+            for f in ("ids", "question_mask", "answer_mask", "nll_question_mask", "nll_answer_mask"):
+                assert np.array_equal(getattr(a, f), getattr(b, f)) and getattr(a, f).dtype == getattr(b, f).dtype
+        else:
+            assert a == b
+
+
+def test_window_is_bounded_by_construction():
+    """Materialising every batch (as the scorer's producer does, one batch at a time)
+    never holds more item arrays than two batches' items, however many rows."""
+    tok = tiny_tokenizer.build()
+    rows = [dict(r, id=f"{r['id']}-{k}") for k in range(8) for r in pool_rows(8)]
+    cfg = ScoreConfig(batch_tokens=2048, max_length=2048, max_segments=2)
+    got = prepare_stream(iter(rows), tok, cfg, batch_size=16)
+    try:
+        assert not hasattr(got, "encoded")  # no per-row arrays kept
+        most = max(len(p.items) for p in got.plans)
+        for plan in got.plans:
+            materialise(plan, got.seqs_for(plan.items), KEYS)
+        assert got.alive == 0
+        assert 0 < got.peak_alive <= 2 * most < len(rows) // 4
+    finally:
+        got.close()
+
+
+# ------------------------------------------------------------------ score: stream vs reference
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_hf_dirs, tmp_path_factory):
+    from scas_jax.loader import load_student
+
+    d = tmp_path_factory.mktemp("tiny_llama_stream") / "student"
+    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
+    tiny_tokenizer.save(d)
+    return load_student(d)
+
+
+def _pool(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for t in TEACHERS[:2]:
+        rows = gsm8k(t, 5) + ([{"id": "bad", "instruction": "", "teacher_output": "x"}]
+                              if t == TEACHERS[0] else [])
+        (directory / f"{t}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return directory
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _stop_after(n: int):
+    def on_batch(done, total):
+        if done >= n:
+            raise _Interrupted(f"{done}/{total}")
+    return on_batch
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*_scas_scores.jsonl"))}
+
+
+def test_score_stream_equals_reference_and_resumes(tiny_llama, tmp_path, monkeypatch):
+    import jax
+
+    from scas_jax.parallel import make_mesh
+
+    pool = _pool(tmp_path / "pool")
+    kw = dict(mesh=make_mesh("data=-1", devices=jax.devices()[:1]), batch_tokens=256,
+              max_length=1024, max_segments=2, progress=False)
+    keep = ("rows", "errors", "tokens", "padded_tokens", "batches", "compiled_shapes",
+            "fingerprint")
+
+    monkeypatch.setattr(commands, "STREAM_INPUT", False)
+    ref_out = tmp_path / "ref"
+    with pytest.raises(_Interrupted):  # the reference journal after 2 batches
+        commands.score(tiny_llama, pool, ref_out, on_batch=_stop_after(2), **kw)
+    (ref_journal,) = (ref_out / JOURNAL_DIR).glob("*.jsonl")
+    ref_journal_bytes = ref_journal.read_bytes()
+    ref = commands.score(tiny_llama, pool, ref_out, **kw)
+    monkeypatch.setattr(commands, "STREAM_INPUT", True)
+
+    out = tmp_path / "stream"
+    with pytest.raises(_Interrupted):
+        commands.score(tiny_llama, pool, out, on_batch=_stop_after(2), **kw)
+    (journal,) = (out / JOURNAL_DIR).glob("*.jsonl")
+    assert journal.name == ref_journal.name  # same fingerprint: same digest of tokens and plan
+    assert journal.read_bytes() == ref_journal_bytes  # same header and journaled batches
+    assert [p.name for p in out.iterdir()] == [JOURNAL_DIR]  # the spill file left nothing
+    m = commands.score(tiny_llama, pool, out, **kw)
+    assert m["resumed_batches"] == 2 and m["scored_batches"] == m["batches"] - 2 > 0
+    assert {k: m[k] for k in keep} == {k: ref[k] for k in keep}
+    assert m["errors"] == 1
+    assert _outputs(out) == _outputs(ref_out) and len(_outputs(out)) == 2
+    assert not (out / JOURNAL_DIR).exists()
