@@ -105,27 +105,28 @@ class Journal:
         usable journal)."""
         if not self.path.exists():
             return 0
-        with open(self.path, "rb") as f:
-            data = f.read()
         offset, good_end = 0, 0
         header_ok = False
-        for raw in data.split(b"\n")[:-1]:  # the part after the last newline is torn
-            offset += len(raw) + 1
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                break
-            if not header_ok:
-                if not isinstance(obj, dict) or any(
-                        obj.get(k) != self.header[k] for k in ("journal", "fingerprint", "batches")):
-                    return 0
-                header_ok = True
-            else:
-                k = obj.get("batch") if isinstance(obj, dict) else None
-                if not isinstance(k, int) or not 0 <= k < self.n_batches:
+        with open(self.path, "rb") as fh:  # line by line: a journal of 10^6 rows is ~1 GB
+            for line in fh:
+                if not line.endswith(b"\n"):  # the part after the last newline is torn
                     break
-                self.done[k] = [(int(i), f) for i, f in obj["items"]]
-            good_end = offset
+                offset += len(line)
+                try:
+                    obj = json.loads(line[:-1].decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError):
+                    break
+                if not header_ok:
+                    if not isinstance(obj, dict) or any(
+                            obj.get(k) != self.header[k] for k in ("journal", "fingerprint", "batches")):
+                        return 0
+                    header_ok = True
+                else:
+                    k = obj.get("batch") if isinstance(obj, dict) else None
+                    if not isinstance(k, int) or not 0 <= k < self.n_batches:
+                        break
+                    self.done[k] = [(int(i), f) for i, f in obj["items"]]
+                good_end = offset
         return good_end
 
     def _append(self, obj: dict) -> None:
