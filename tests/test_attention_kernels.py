@@ -130,8 +130,11 @@ def test_cudnn_translation_gradients():
 
     ref = grads(lambda q, k, v: A.xla_attention(q, k, v, seg, 4))
     got = grads(lambda q, k, v: K.cudnn_attention(q, k, v, seg, 4, implementation="xla"))
-    for a, b in zip(ref, got):
+    traced = jax.jit(lambda w: grads(
+        lambda q, k, v: K.cudnn_attention(q, k, v, seg, w, implementation="xla")))(jnp.int32(4))
+    for a, b, c in zip(ref, got, traced):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+        np.testing.assert_allclose(np.asarray(c), np.asarray(a), atol=2e-5)
 
 
 def test_segment_mask_with_causal_is_the_module_mask():
@@ -172,3 +175,73 @@ def test_splash_interpret_matches_xla_attention():
     got = grads(lambda q, k, v: K.splash_attention(q, k, v, seg, 3, interpret=True))
     for a, b in zip(ref, got):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5)
+
+
+# ------------------------------------------------------------------ whole model, simulated backends
+
+
+def test_resolve_sees_a_traced_window(monkeypatch):
+    monkeypatch.setattr(K, "splash_available", lambda: True)
+    monkeypatch.setattr(K, "device_count", lambda: 1)
+    q = jnp.zeros((1, 16, 4, 8), jnp.bfloat16)
+    got = {}
+
+    def probe(w):
+        got["tpu"] = K.resolve("auto", q, w, 128, backend="tpu")
+        got["gpu"] = K.resolve("auto", q, w, 128, backend="gpu")
+        return w
+
+    jax.jit(probe)(jnp.int32(4))
+    assert got == {"tpu": "xla", "gpu": "cudnn"}
+    assert K.resolve("auto", q, 4, 128, backend="tpu") == "splash"
+
+
+@pytest.mark.parametrize("model_type,backend", [("gemma3", "gpu"), ("llama", "tpu")])
+def test_model_dispatch_on_simulated_backend(model_type, backend, monkeypatch):
+    """``attn_impl="auto"`` through the decoder as a GPU/TPU would trace it, with the
+    vendor call replaced by its CPU-runnable twin (cuDNN: the same translation through
+    the ``xla`` implementation; splash: interpret mode). Gemma 3 on the GPU: its scanned
+    per-layer window is folded into the cuDNN mask. Llama on the TPU: splash inside the
+    layer scan. Packed rows and padding; the loss equals ``xla``'s (gradients: in the
+    kernel tests above, kept out of here for time)."""
+    from scas_jax.models.config import tiny_config
+    from scas_jax.models.decoder import decode, init_params
+    from scas_jax.models.loss import next_token_nll
+
+    cfg = tiny_config(model_type, num_layers=2)
+    params = init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    t = 24
+    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(2, t)))
+    seg = np.ones((2, t), np.int32)
+    seg[0, 11:] = 2
+    seg[1, 19:] = 0
+    pos = np.concatenate([np.arange(11), np.arange(t - 11)])[None].repeat(2, 0)
+    pos[1] = np.arange(t) * (seg[1] > 0)
+    pos, seg = jnp.asarray(pos, jnp.int32), jnp.asarray(seg)
+
+    def loss(p):
+        h, _ = decode(p, cfg, ids, pos, seg, attn_impl="auto")
+        return jnp.sum(next_token_nll(p, cfg, h, ids) * (seg > 0))
+
+    want = loss(params)  # CPU: xla at this length
+    seen = []
+    monkeypatch.setattr(K, "cudnn_unsupported", lambda *a, **k: None)  # f32 allowed here
+    monkeypatch.setattr(K, "splash_available", lambda: True)
+    monkeypatch.setattr(K, "device_count", lambda: 1)  # the tests run on 8 CPU devices
+    monkeypatch.setattr(K, "current_backend", lambda: backend)
+    orig_cudnn, orig_splash = K.cudnn_attention, K.splash_attention
+
+    def cudnn_twin(*a, **k):
+        seen.append("cudnn")
+        return orig_cudnn(*a, implementation="xla", **k)
+
+    def splash_twin(*a, **k):
+        seen.append("splash")
+        return orig_splash(*a, interpret=True, **k)
+
+    monkeypatch.setattr(K, "cudnn_attention", cudnn_twin)
+    monkeypatch.setattr(K, "splash_attention", splash_twin)
+    got = loss(params)
+    assert seen and set(seen) == {"cudnn" if backend == "gpu" else "splash"}, seen
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)

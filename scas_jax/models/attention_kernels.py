@@ -143,6 +143,10 @@ def current_backend() -> str:
     return backend
 
 
+def device_count() -> int:
+    return jax.device_count()
+
+
 def resolve(impl: str, q, sliding_window, block: int, backend: str | None = None) -> str:
     """The implementation to trace for ``impl`` given the operands (logs a fallback once)."""
     backend = backend or current_backend()
@@ -151,7 +155,7 @@ def resolve(impl: str, q, sliding_window, block: int, backend: str | None = None
         static_window=is_static(sliding_window),
         splash_available=splash_available() if str(backend).lower() == "tpu" else False,
         cudnn_head_dim_max=_cudnn_head_dim_max() if str(backend).lower() in ("gpu", "cuda") else 256,
-        devices=jax.device_count() if str(backend).lower() == "tpu" else 1,
+        devices=device_count() if str(backend).lower() == "tpu" else 1,
         requested=impl)
     if why:
         _log_once(f"attention {impl!r}: using {chosen!r}: {why}")
