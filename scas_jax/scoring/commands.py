@@ -26,7 +26,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from scas_jax.data.layout import score_file_name
 from scas_jax.errors import ScasError
@@ -512,9 +512,11 @@ def _agree_on_done(journal, n_batches: int) -> set[int]:
 # ---------------------------------------------------------------- 5. write
 
 
-def _teacher_rows(req: Request, plan: Plan, run: Run, manifest: dict) -> dict[str, list[dict]]:
-    """Output rows per teacher, in input order (main process), and the per-teacher counts
-    in ``manifest["teachers"]`` (every process)."""
+def _teacher_rows(req: Request, plan: Plan, run: Run,
+                  manifest: dict) -> dict[str, Iterable[dict]]:
+    """Output rows per teacher, in input order (main process; each a generator, so the
+    rows of a large pool are built while written, never all at once), and the
+    per-teacher counts in ``manifest["teachers"]`` (every process)."""
     from scas_jax.parallel import is_main_process
     from scas_jax.scoring.fields import error_fields
 
@@ -524,20 +526,27 @@ def _teacher_rows(req: Request, plan: Plan, run: Run, manifest: dict) -> dict[st
                if prepared.error(i) is None and i not in run.fields]
     if missing and main:  # cannot happen unless the plan lost items: never write partial files
         raise RuntimeError(f"internal error: {len(missing)} planned rows were not scored")
-    per_teacher: dict[str, list[dict]] = {f.teacher: [] for f in plan.todo}
+    indices: dict[str, list[int]] = {f.teacher: [] for f in plan.todo}
     counts = {f.teacher: {"rows": 0, "errors": 0, "tokens": 0} for f in plan.todo}
-    for i, (teacher, cand) in enumerate(run.items):
+    for i, (teacher, _) in enumerate(run.items):
         e = prepared.error(i)
-        if main:  # other hosts hold no fields of the batches process 0 had journaled
-            f = error_fields(e, req.cfg.lambda_scas) if e is not None else run.fields[i]
-            per_teacher[teacher].append(_output_row(cand.row, cand.teacher, f))
+        indices[teacher].append(i)
         c = counts[teacher]
         c["rows"] += 1
         c["errors"] += e is not None
         c["tokens"] += prepared.length(i)
     for teacher, c in counts.items():
         manifest["teachers"][teacher].update(c)
-    return per_teacher
+
+    def rows(items: list[int]) -> Iterator[dict]:
+        for i in items:
+            cand = run.items[i][1]
+            e = prepared.error(i)
+            f = error_fields(e, req.cfg.lambda_scas) if e is not None else run.fields[i]
+            yield _output_row(cand.row, cand.teacher, f)
+
+    # other hosts hold no fields of the batches process 0 had journaled
+    return {t: rows(items) if main else [] for t, items in indices.items()}
 
 
 def _totals(req: Request, run: Run, t_start: float) -> dict[str, Any]:
@@ -566,7 +575,8 @@ def _totals(req: Request, run: Run, t_start: float) -> dict[str, Any]:
     )
 
 
-def _write(req: Request, plan: Plan, manifest: dict, per_teacher: dict[str, list[dict]]) -> None:
+def _write(req: Request, plan: Plan, manifest: dict,
+           per_teacher: dict[str, Iterable[dict]]) -> None:
     """Score files, then the manifest (with each file's sha256), each atomically; main
     process only."""
     from scas_jax.io_utils import write_json_atomic, write_jsonl_atomic
