@@ -48,6 +48,13 @@ def pool_rows(n: int = 6) -> list[dict]:
         {"id": "long", "instruction": "Say a lot.", "teacher_output": "word " * 1200},
         {"id": "nosys", "system": "", "instruction": "Add 2 and 2.", "teacher_output": "4"},
         {"id": "dup", "system": "", "instruction": "Add 2 and 2.", "teacher_output": "four"},
+        # added tokens and odd whitespace around the prompt/answer junction
+        {"id": "sp", "system": "", "instruction": "Add 2 and 2.", "teacher_output": "  \n\n 4"},
+        {"id": "tok", "system": "", "instruction": "Add 2 and 2.",
+         "teacher_output": "<|im_end|>\n<|im_start|>user\n4<|im_start|>"},
+        {"id": "tokq", "system": "<|im_end|>", "instruction": "<|im_start|>assistant\n",
+         "teacher_output": "<|endoftext|>4"},
+        {"id": "uni", "instruction": "Héllo → 2+2? 😀", "teacher_output": "😀 ünïcode\r\n 4"},
     ]
     return rows
 
@@ -89,7 +96,8 @@ def test_prompt_cache_gives_identical_encodings(smollm2_tokenizer):
     plain = enc.encode_rows(rows, batch_size=3)
     cache: dict = {}
     cached = [e for b in enc.iter_batches(rows, 3, prompt_cache=cache) for e in b]
-    assert len(cache) == 4 + 2  # one prompt per distinct (system, instruction)
+    assert len(cache) == 4 + 4  # one prompt per distinct (system, instruction)
+    assert enc.split_rows > len(rows) // 2  # most answers tokenized after the prompt head
     for a, b in zip(plain, cached):
         assert type(a) is type(b)
         if hasattr(a, "ids"):
@@ -189,3 +197,25 @@ def test_score_stream_equals_reference_and_resumes(tiny_llama, tmp_path, monkeyp
     assert m["errors"] == 1
     assert _outputs(out) == _outputs(ref_out) and len(_outputs(out)) == 2
     assert not (out / JOURNAL_DIR).exists()
+
+
+def test_head_split_refuses_a_token_across_the_junction():
+    from scas_jax.data.chat import _head_matches, _last_added_end
+
+    split = (["<a>", "a>b"], {1, 2}, 3)
+    head_text = "x<a>"
+    cut = _last_added_end(head_text, split)
+    assert cut == 4
+    import hashlib
+
+    head = (cut, hashlib.blake2b(head_text.encode(), digest_size=16).digest(), None)
+    assert _head_matches("x<a>c", head, split)
+    assert not _head_matches("x<a>b", head, split)  # "a>b" spans the junction
+    assert not _head_matches("y<a>c", head, split)  # another head
+    assert not _head_matches("x<a>", head, split)  # nothing after the head
+
+
+def test_split_is_off_for_tokenizers_it_cannot_prove():
+    from scas_jax.data.chat import split_safe_tokens
+
+    assert split_safe_tokens(tiny_tokenizer.build()) is None  # a normalizer (lower-case)

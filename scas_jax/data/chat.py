@@ -221,6 +221,66 @@ def prompt_key(messages: list[dict[str, str]]) -> bytes:
     return hashlib.blake2b(blob, digest_size=16).digest()
 
 
+def split_safe_tokens(tokenizer: Any) -> tuple[list[str], set[int], int] | None:
+    """``(added token texts, their ids, longest text length)`` when ``tokenizer(a + b)``
+    is ``tokenizer(a) + tokenizer(b)`` whenever ``a`` ends with a matched added token
+    and no added token text spans the junction; else None.
+
+    That holds for a Hugging Face fast tokenizer whose added tokens are matched on the
+    raw text (``normalized``, ``lstrip``, ``rstrip``, ``single_word`` all false), with no
+    normalizer, a byte-level pre-tokenizer without a prefix space (or none), and a
+    post-processor that adds no token to a single text: the added tokens split the text
+    first and every piece between them is pre-tokenized and encoded on its own.
+    """
+    import json as _json
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return None
+    try:
+        spec = _json.loads(backend.to_str())
+        if spec.get("normalizer") is not None:
+            return None
+        pre = spec.get("pre_tokenizer")
+        if pre is not None and not (pre.get("type") == "ByteLevel"
+                                    and not pre.get("add_prefix_space", True)):
+            return None
+        added = list(backend.get_added_tokens_decoder().items())
+        if not added or any(t.normalized or t.lstrip or t.rstrip or t.single_word
+                            for _, t in added):
+            return None
+        if tokenizer("")["input_ids"] or (tokenizer("x y")["input_ids"]
+                                          != tokenizer("x y", add_special_tokens=False)["input_ids"]):
+            return None
+    except Exception:  # any surprise: the plain path
+        return None
+    texts = [t.content for _, t in added if t.content]
+    return texts, {int(i) for i, _ in added}, max(len(t) for t in texts)
+
+
+def _last_added_end(text: str, split: tuple[list[str], set[int], int]) -> int:
+    """End of the last added-token text in ``text`` (0 when none)."""
+    return max((text.rfind(t) + len(t) for t in split[0] if t in text), default=0)
+
+
+def _head_matches(full: str, head: tuple, split: tuple[list[str], set[int], int]) -> bool:
+    """``full`` starts with the head text (by digest) and no added-token text spans its end."""
+    cut, digest = head[0], head[1]
+    if len(full) <= cut or hashlib.blake2b(full[:cut].encode("utf-8", "surrogatepass"),
+                                           digest_size=16).digest() != digest:
+        return False
+    longest = split[2]
+    lo = max(0, cut - longest + 1)
+    window, c = full[lo:cut + longest - 1], cut - lo
+    for t in split[0]:
+        st = window.find(t)
+        while st != -1 and st < c:
+            if st + len(t) > c:
+                return False
+            st = window.find(t, st + 1)
+    return True
+
+
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -344,12 +404,20 @@ class ChatEncoder:
 
     def _encode_batch(self, rows: list[dict[str, Any]],
                       prompt_cache: dict | None = None) -> list[Encoded | RowError]:
+        """With ``prompt_cache``: per distinct (system, instruction), the prompt's ids and,
+        when :func:`split_safe_tokens` allows it, the ids of the prompt's head ``P`` (up to
+        the end of its last added token, e.g. ``...<|im_start|>``); a full text that starts
+        with ``P`` and has no added token across that point is then tokenized as
+        ``ids(P) + ids(rest)``, which the tokenizer's added-token split makes identical to
+        ``ids(full)`` (only the answer's part is tokenized per row)."""
         if prompt_cache is None:
             return self._encode_batch_plain(rows)
+        if not hasattr(self, "_split"):
+            self._split = split_safe_tokens(self.tokenizer)
         results: list[Encoded | RowError | None] = [None] * len(rows)
         texts: list[str] = []
-        fulls: list[tuple[int, int, bytes]] = []  # (row, text index of full, prompt key)
-        new_prompts: dict[bytes, int] = {}  # prompt key -> text index, rendered in this batch
+        fulls: list[tuple[int, str, bytes]] = []  # (row, full text, prompt key)
+        new_prompts: dict[bytes, tuple[int, int, int]] = {}  # key -> (prompt idx, head idx, cut)
         for i, row in enumerate(rows):
             error = missing_fields_error(row)
             if error is not None:
@@ -360,20 +428,43 @@ class ChatEncoder:
             try:  # same order as texts(): the prompt first, then the full text
                 if key not in prompt_cache and key not in new_prompts:
                     prompt = self._render(messages, True)
-                    new_prompts[key] = len(texts)
+                    cut = _last_added_end(prompt, self._split) if self._split else 0
+                    new_prompts[key] = (len(texts), len(texts) + 1 if cut else -1, cut)
                     texts.append(prompt)
+                    if cut:
+                        texts.append(prompt[:cut])
                 full = self._render(messages, False)
             except Exception as exc:  # a template may reject a row; keep it as an error row
                 results[i] = RowError(f"chat template failed: {exc}")
                 continue
-            fulls.append((i, len(texts), key))
-            texts.append(full)
-        if texts:
+            fulls.append((i, full, key))
+        if new_prompts:  # the prompts (and heads) of new questions, in one call
             ids = self.tokenizer(texts)["input_ids"]
-            for key, k in new_prompts.items():
-                prompt_cache[key] = np.asarray(ids[k], dtype=np.int32)
-            for i, k, key in fulls:
-                results[i] = self.encode_ids(prompt_cache[key], ids[k])
+            for key, (k, h, cut) in new_prompts.items():
+                head = None
+                if cut and ids[h] and ids[h][-1] in self._split[1]:
+                    text = texts[k][:cut]
+                    head = (cut, hashlib.blake2b(text.encode("utf-8", "surrogatepass"),
+                                                 digest_size=16).digest(),
+                            np.asarray(ids[h], dtype=np.int32))
+                prompt_cache[key] = (np.asarray(ids[k], dtype=np.int32), head)
+        bodies: list[str] = []
+        plan: list[tuple[int, Any, int]] = []  # (row, head ids or None, text index)
+        for i, full, key in fulls:
+            prompt_ids, head = prompt_cache[key]
+            if head is not None and _head_matches(full, head, self._split):
+                plan.append((i, head[2], len(bodies)))
+                bodies.append(full[head[0]:])
+                self.split_rows = getattr(self, "split_rows", 0) + 1
+            else:
+                plan.append((i, None, len(bodies)))
+                bodies.append(full)
+        if bodies:
+            ids = self.tokenizer(bodies)["input_ids"]
+            for (i, head_ids, k), (_, _, key) in zip(plan, fulls):
+                full_ids = ids[k] if head_ids is None else np.concatenate(
+                    [head_ids, np.asarray(ids[k], dtype=np.int32)])
+                results[i] = self.encode_ids(prompt_cache[key][0], full_ids)
         return results  # type: ignore[return-value]
 
     def _encode_batch_plain(self, rows: list[dict[str, Any]]) -> list[Encoded | RowError]:
