@@ -83,6 +83,12 @@ class StepProfiler:
         if self.active:
             self._stop(self.end if finished is None else finished)
 
+    def __enter__(self) -> "StepProfiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def trace_files(self) -> list[Path]:
         if self.directory is None:
             return []

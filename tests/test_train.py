@@ -397,7 +397,7 @@ def test_bad_inputs_fail_before_the_model_loads(tmp_path, monkeypatch):
 
 def test_tfds_data_trains_and_resumes_like_its_jsonl(tmp_path):
     """``--data`` a TFDS dataset built from the SFT file (read through Grain): the same
-    losses, step for step, as the JSONL file; and a resume from a mid-run checkpoint of
+    losses, step for step, as the JSONL file (traced with ``profile``: a trace is written); and a resume from a mid-run checkpoint of
     the dataset run (the later checkpoint, final dir and log lines removed, as a kill
     leaves them) ends on the same weights, with the input position in the meta."""
     import shutil
@@ -412,7 +412,9 @@ def test_tfds_data_trains_and_resumes_like_its_jsonl(tmp_path):
     built = build_sft_dataset(data, tmp_path / "tfds", "sft")
     settings = ["steps=6", "batch_size=8", "seq_len=128", "checkpoint_every=3", "warmup_steps=2",
                 "learning_rate=1e-2", "mesh=data=-1"]
-    ref = train(student, data, tmp_path / "ref", None, settings, progress=False)
+    # the reference run is also traced (--profile): a trace of steps 2..4, same losses
+    ref = train(student, data, tmp_path / "ref", None, settings, progress=False, profile=tmp_path / "prof")
+    assert list((tmp_path / "prof").glob("plugins/profile/*/*.xplane.pb"))
     run = tmp_path / "run"
     got = train(student, tmp_path / "tfds", run, None, settings, progress=False)
     assert got["data"] == ref["data"] and got["final_step"] == 6

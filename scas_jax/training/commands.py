@@ -26,6 +26,7 @@ def _train_cmd(args: argparse.Namespace) -> int:
     summary = train(
         args.student, args.data, args.output_dir, args.config, overrides,
         candidate_dir=args.candidate_dir, resume=args.resume, export_hf=args.export_hf, progress=not args.no_progress,
+        profile=args.profile,
     )
     if summary.get("interrupted"):
         print(f"interrupted by {summary['interrupted']}: checkpoint saved at step "
@@ -65,6 +66,9 @@ def register(sub) -> None:
                    help=CHAT_TEMPLATE_HELP)
     p.add_argument("--export-hf", default=None, help="also write the final model for transformers")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="write a jax.profiler trace of a few steps (the 3rd to 5th of this run, after "
+                        "compilation) under DIR; view with TensorBoard's profile plugin or ui.perfetto.dev")
     p.add_argument("--dry-run", action="store_true",
                    help="print per-device memory (parameters, optimiser state, activations) "
                         "and the batch plan on the config's mesh, which may be larger than "

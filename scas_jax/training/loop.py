@@ -223,9 +223,12 @@ def train(
     resume: bool = False,
     export_hf: str | Path | None = None,
     progress: bool = True,
+    profile: str | Path | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student`` (a path or a loaded Student) on SFT ``data`` (static), or on the
     answers chosen during training from ``candidate_dir`` (dynamic); see module docs.
+    ``profile``: a directory for a :mod:`jax.profiler` trace of a few steps (the 3rd to
+    5th of this invocation, after compilation; :mod:`scas_jax.profiling`).
 
     Returns a summary: steps run, final step, last loss, eval loss, data stats, paths,
     and ``interrupted`` (the signal name when SIGINT/SIGTERM stopped the run).
@@ -259,7 +262,8 @@ def train(
     created = not output_dir.exists()
     ckpts = TrainCheckpoints(ckpt_dir, max_to_keep=cfg.max_to_keep)
     try:
-        return _run(student, inputs, candidate_dir, output_dir, cfg, ckpts, meta, latest, export_hf, progress)
+        return _run(student, inputs, candidate_dir, output_dir, cfg, ckpts, meta, latest, export_hf, progress,
+                    profile)
     except BaseException:
         # a run that fails before its first checkpoint leaves nothing behind
         if created and output_dir.exists() and ckpts.latest_step() is None and is_main_process():
@@ -271,7 +275,7 @@ def train(
 
 def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainConfig,
          ckpts: TrainCheckpoints, meta: dict | None, latest: int | None, export_hf,
-         progress: bool) -> dict[str, Any]:
+         progress: bool, profile=None) -> dict[str, Any]:
     from tqdm import tqdm
 
     mesh = make_mesh(cfg.mesh)
@@ -365,7 +369,11 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
         writer.write_event(step + 1, {"event": "rescore", **event}, share_scalars(event))
         bar.set_postfix_str(f"rescored {event['candidates']} candidates in {event['score_seconds']:.1f}s")
 
-    with stop.installed():
+    from scas_jax.profiling import StepProfiler
+
+    prof = StepProfiler(profile if main else None, total=total_steps - start, what="step")
+    prof.after(0)
+    with stop.installed(), prof:
         for step in range(start, total_steps):
             if dynamic and stream.needs_rescore(step):
                 rescore(step)
@@ -375,6 +383,9 @@ def _run(student, inputs: _Inputs, candidate_dir, output_dir: Path, cfg: TrainCo
             state, metrics = step_fn(state, st.put_batch(st.to_step_batch(host, cfg.grad_accum), mesh))
             window_tokens += real_tokens
             done = step + 1
+            if prof.directory is not None and not prof.done:
+                jax.block_until_ready(state.params)  # whole steps in the trace
+                prof.after(done - start)
             if done % cfg.log_every == 0 or done == total_steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
