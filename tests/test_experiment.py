@@ -174,6 +174,7 @@ def test_rerun_skips_and_changed_setting_redoes(smoke, capsys):
     ({"chat_template": "chatmll"}, "chat_template 'chatmll': not one of chatml, gemma, plain"),
     ({"other_chat_template": "plain"}, "other_chat_template is set but other_student is not"),
     ({"both_roles": True}, "both_roles needs other_student"),
+    ({"other_learning_rate": 1e-5}, "other_learning_rate is set but both_roles is not"),
 ])
 def test_bad_configs_are_errors_naming_the_fix(tmp_path, capsys, extra, message):
     cfg = {**yaml.safe_load(SMOKE.read_text()), **extra}
@@ -236,7 +237,7 @@ def two_students(student, tmp_path_factory):
     args = ["experiment", "--config", str(SMOKE), "--out", str(out), "--set", f"student={student}",
             "--set", "chat_template=chatml", "--set", f"other_student={other}",
             "--set", "other_chat_template=plain", "--set", "arms=[base, scas_min, scas_min_other, strongest]",
-            "--set", "seeds=[0]", "--set", "both_roles=true",
+            "--set", "seeds=[0]", "--set", "both_roles=true", "--set", "other_learning_rate=0.002",
             "--no-progress"]
     assert main(args) == 0
     return out, args
@@ -328,6 +329,10 @@ def test_both_roles_swap_the_students_and_share_the_rest(two_students):
     assert c2["spearman_global"] == pytest.approx(c1["spearman_global"])
     r2 = json.loads((two / "results.json").read_text())
     assert r2["info"]["chat_template"] == "plain" and r2["info"]["student"].endswith("tiny_other")
+    # each student trains at its own learning rate (role 2: other_learning_rate)
+    r1 = json.loads((one / "results.json").read_text())
+    assert r2["info"]["learning_rate"] == 0.002 and r1["info"]["learning_rate"] != 0.002
+    assert "learning rate 0.002" in (out / "cross_training.md").read_text()
     # greedy accuracy with each student's template
     for d, template in ((one, "chatml"), (two, "plain")):
         m = json.loads((d / "runs" / "scas_min_other" / "seed_0" / "eval" / "metrics.json").read_text())

@@ -59,6 +59,9 @@ class ExperimentConfig:
     steps: int = 0  # 0: epochs * ceil(train questions / batch_size)
     seq_len: int = 0  # 0: the longest training candidate (prompt + answer), rounded up to 64
     learning_rate: float = 5e-5
+    # both_roles: the learning rate when other_student is trained (role 2); 0 = learning_rate.
+    # Every arm of a student shares its learning rate; the students need not share one.
+    other_learning_rate: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"
     weight_decay: float = 0.0
@@ -192,6 +195,8 @@ def validate(cfg: ExperimentConfig, where: str) -> None:
         raise _bad(where, "other_chat_template is set but other_student is not")
     if cfg.both_roles and not cfg.other_student:
         raise _bad(where, "both_roles needs other_student (the two students swap roles)")
+    if cfg.other_learning_rate and not cfg.both_roles:
+        raise _bad(where, "other_learning_rate is set but both_roles is not (only role 2 trains other_student)")
     from scas_jax.data.chat import chat_template_label
 
     for name in ("chat_template", "other_chat_template"):

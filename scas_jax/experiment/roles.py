@@ -30,9 +30,12 @@ TRAINS_ON = {"base": "nothing (the base student)", "scas_min": "its own SCAS sel
 
 
 def swapped(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with ``student`` and ``other_student`` (and their templates) swapped."""
+    """``cfg`` with ``student`` and ``other_student`` (their templates and learning rates)
+    swapped."""
     return dataclasses.replace(cfg, student=cfg.other_student, other_student=cfg.student,
-                               chat_template=cfg.other_chat_template, other_chat_template=cfg.chat_template)
+                               chat_template=cfg.other_chat_template, other_chat_template=cfg.chat_template,
+                               learning_rate=cfg.other_learning_rate or cfg.learning_rate,
+                               other_learning_rate=cfg.learning_rate)
 
 
 def role_name(spec: str) -> str:
@@ -77,6 +80,7 @@ def cross_table(roles: list[tuple[str, dict]]) -> dict[str, Any]:
     for name, res in roles:
         info = res["info"]
         out["roles"].append({"dir": name, "student": info["student"], "chat_template": info.get("chat_template"),
+                             "learning_rate": info.get("learning_rate"),
                              "other_student": info.get("other_student"),
                              "other_chat_template": info.get("other_chat_template"),
                              "comparison": res.get("comparison"), "results": f"{name}/results.json"})
@@ -103,7 +107,8 @@ def cross_markdown(table: dict[str, Any]) -> str:
               f"over seeds; intervals 95 % bootstrap; the difference to `{ref}` is paired within a student "
               "(NLLs of different students are not comparable: different tokenizers)."), ""]
     for r in table["roles"]:
-        lines.append(f"- `{r['student']}` (chat template `{r['chat_template']}`): `{r['results']}`")
+        lr = "" if r.get("learning_rate") is None else f", learning rate {r['learning_rate']:g}"
+        lines.append(f"- `{r['student']}` (chat template `{r['chat_template']}`{lr}): `{r['results']}`")
     lines += ["", f"| student | arm | trains on | held-out NLL | 95% CI | vs {ref} | 95% CI | accuracy |",
               "|---|---|---|---:|---|---:|---|---:|"]
     for a in table["arms"]:
