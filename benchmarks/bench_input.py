@@ -40,7 +40,7 @@ TEACHER_FILES = ("human_reference", "gpt3_175b_verification", "gpt3_6b_verificat
 
 
 def loadavg() -> str:
-    return open("/proc/loadavg").read().split(" ")[0:3].__str__()
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def rss_mb() -> float:
@@ -61,7 +61,7 @@ def write_pool(directory: Path, answers: int) -> dict:
     ``q % 1319`` with its number appended, answered as that teacher answered it."""
     from scas_jax.assets import GSM8K_POOL
 
-    src = {t: [json.loads(x) for x in open(GSM8K_POOL / f"{t}.jsonl", encoding="utf-8")]
+    src = {t: [json.loads(x) for x in (GSM8K_POOL / f"{t}.jsonl").read_text(encoding="utf-8").splitlines()]
            for t in TEACHER_FILES}
     directory.mkdir(parents=True, exist_ok=True)
     questions = -(-answers // N_TEACHERS)

@@ -451,7 +451,7 @@ class ChatEncoder:
         bodies: list[str] = []
         plan: list[tuple[int, Any, int]] = []  # (row, head ids or None, text index)
         for i, full, key in fulls:
-            prompt_ids, head = prompt_cache[key]
+            head = prompt_cache[key][1]
             if head is not None and _head_matches(full, head, self._split):
                 plan.append((i, head[2], len(bodies)))
                 bodies.append(full[head[0]:])

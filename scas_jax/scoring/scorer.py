@@ -1,7 +1,10 @@
 """Scoring in-memory rows with given parameters: the library call behind ``scas-jax score``
 and the training loop's in-training selection.
 
-Rows are tokenized on the host (in a background thread), packed into a few static
+:func:`prepare` tokenizes rows into memory; :func:`prepare_stream` (``scas-jax
+score``) reads them once, keeps per-row numbers and spills the token ids, so a pool of
+10^6 answers never has all its arrays in memory (same plan, digest and scores). Batches
+are built (in a background thread) from their own items only, packed into a few static
 shapes (:mod:`scas_jax.data.packing`), sharded over the mesh's batch axes, and reduced
 on device by the jitted core (:mod:`scas_jax.scoring.core`). While the device works on
 batch ``k``, the host builds batch ``k + 1`` and turns batch ``k - 1``'s statistics
