@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import tiny_tokenizer
+from interrupt import Interrupted, stop_after
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.data.chat import ChatEncoder
 from scas_jax.data.packing import materialise
@@ -149,16 +150,6 @@ def _pool(directory: Path) -> Path:
     return directory
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _stop_after(n: int):
-    def on_batch(done, total):
-        if done >= n:
-            raise _Interrupted(f"{done}/{total}")
-    return on_batch
-
 
 def _outputs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*_scas_scores.jsonl"))}
@@ -177,16 +168,16 @@ def test_score_stream_equals_reference_and_resumes(tiny_llama, tmp_path, monkeyp
 
     monkeypatch.setattr(commands, "STREAM_INPUT", False)
     ref_out = tmp_path / "ref"
-    with pytest.raises(_Interrupted):  # the reference journal after 2 batches
-        commands.score(tiny_llama, pool, ref_out, on_batch=_stop_after(2), **kw)
+    with pytest.raises(Interrupted):  # the reference journal after 2 batches
+        commands.score(tiny_llama, pool, ref_out, on_batch=stop_after(2), **kw)
     (ref_journal,) = (ref_out / JOURNAL_DIR).glob("*.jsonl")
     ref_journal_bytes = ref_journal.read_bytes()
     ref = commands.score(tiny_llama, pool, ref_out, **kw)
     monkeypatch.setattr(commands, "STREAM_INPUT", True)
 
     out = tmp_path / "stream"
-    with pytest.raises(_Interrupted):
-        commands.score(tiny_llama, pool, out, on_batch=_stop_after(2), **kw)
+    with pytest.raises(Interrupted):
+        commands.score(tiny_llama, pool, out, on_batch=stop_after(2), **kw)
     (journal,) = (out / JOURNAL_DIR).glob("*.jsonl")
     assert journal.name == ref_journal.name  # same fingerprint: same digest of tokens and plan
     assert journal.read_bytes() == ref_journal_bytes  # same header and journaled batches

@@ -24,6 +24,7 @@ import pytest
 
 import tiny_tokenizer
 from test_chat import BARE_ANSWER_TEMPLATE, MISMATCH_TEMPLATE, with_template
+from interrupt import Interrupted, stop_after
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli_main
 from scas_jax.data.chat import ChatEncoder
@@ -513,17 +514,6 @@ def test_resume_after_sigkill_gives_identical_files(tiny_llama_dir, tmp_path):
     assert rows and all(r["lambda_scas"] == 0.4 for r in rows)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _stop_after(n: int):
-    """A batch callback that interrupts the run once ``n`` batches are journaled."""
-    def on_batch(done, total):
-        if done >= n:
-            raise _Interrupted(f"{done}/{total}")
-    return on_batch
-
 
 def test_resume_follows_content_not_paths_or_mtimes(tiny_llama, tmp_path, capsys):
     rows = {t: gsm8k(t, 4) for t in TEACHERS[:2]}
@@ -533,8 +523,8 @@ def test_resume_follows_content_not_paths_or_mtimes(tiny_llama, tmp_path, capsys
               progress=False)
 
     def interrupt(candidates):
-        with pytest.raises(_Interrupted):
-            score(tiny_llama, candidates, out, on_batch=_stop_after(2), **kw)
+        with pytest.raises(Interrupted):
+            score(tiny_llama, candidates, out, on_batch=stop_after(2), **kw)
         (journal,) = (out / JOURNAL_DIR).glob("*.jsonl")
         assert journal.read_bytes().count(b"\n") == 3  # header + 2 batches
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import tiny_tokenizer
+from interrupt import Interrupted, stop_after
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli_main
 from scas_jax.data.files import discover_pool, find_dataset_dir, input_sha256, iter_rows
@@ -173,16 +174,6 @@ def test_score_select_verify_same_from_jsonl_and_tfds(tiny_student, tmp_path):
     _cmp_outputs(tmp_path / "va", tmp_path / "vb", paths)
 
 
-class _Interrupted(Exception):
-    pass
-
-
-def _stop_after(n: int):
-    def on_batch(done, total):
-        if done >= n:
-            raise _Interrupted(f"{done}/{total}")
-    return on_batch
-
 
 def test_resume_follows_the_datasets_source_checksums(tiny_student, tmp_path, capsys):
     from scas_jax.scoring.commands import score
@@ -196,8 +187,8 @@ def test_resume_follows_the_datasets_source_checksums(tiny_student, tmp_path, ca
     kw = dict(mesh=_mesh(), batch_tokens=256, max_length=1024, max_segments=1, progress=False)
 
     def interrupt(candidates):
-        with pytest.raises(_Interrupted):
-            score(tiny_student, candidates, out, on_batch=_stop_after(2), **kw)
+        with pytest.raises(Interrupted):
+            score(tiny_student, candidates, out, on_batch=stop_after(2), **kw)
         assert len(list((out / JOURNAL_DIR).glob("*.jsonl"))) == 1
 
     interrupt(pool)  # a run on the JSONL pool resumes on its dataset: same inputs
