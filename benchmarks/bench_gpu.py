@@ -65,18 +65,11 @@ def log(msg: str) -> None:
 
 
 def gsm8k_rows(questions: int) -> list[dict]:
-    from scas_jax.assets import GSM8K_POOL
+    """The verified rows of the first ``questions`` questions of every bundled teacher."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_score import gsm8k_rows as rows
 
-    rows = []
-    for f in sorted(GSM8K_POOL.glob("*.jsonl")):
-        with open(f, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if i >= questions:
-                    break
-                r = json.loads(line)
-                if r.get("teacher_correct") is not False:
-                    rows.append(r)
-    return rows
+    return rows(questions, verified_only=True)
 
 
 def device_info() -> dict:

@@ -71,14 +71,9 @@ def test_template_file_and_labels(smollm2_tokenizer, tmp_path):
 @pytest.fixture
 def bare_student(tmp_path):
     """The tiny char-level student with its chat template removed (a base model)."""
-    student = make_student_dir(tmp_path / "student")
-    for f in student.glob("chat_template.*"):
-        f.unlink()
-    cfg_file = student / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg.pop("chat_template", None)
-    cfg_file.write_text(json.dumps(cfg))
-    return student
+    from tiny_chat import drop_chat_template
+
+    return drop_chat_template(make_student_dir(tmp_path / "student"))
 
 
 def test_train_with_named_template_records_it(bare_student, tmp_path):

@@ -146,13 +146,11 @@ def test_evaluate_chat_template_builds_prompts_scores_the_pool_and_is_recorded(t
     from scas_jax.loader import load_student
     from scas_jax.scoring.scorer import score_rows
 
+    from tiny_chat import drop_chat_template
+
     student = tmp_path / "bare"
     shutil.copytree(tiny["student"], student)
-    for f in student.glob("chat_template.*"):
-        f.unlink()
-    cfg = json.loads((student / "tokenizer_config.json").read_text())
-    cfg.pop("chat_template", None)
-    (student / "tokenizer_config.json").write_text(json.dumps(cfg))
+    drop_chat_template(student)
     tok = AutoTokenizer.from_pretrained(str(student))
     assert not tok.chat_template
     with pytest.raises(ScasError, match="has no chat template; name one with --chat-template"):

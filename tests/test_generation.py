@@ -310,18 +310,9 @@ def test_judge_leaves_truncated_generations_undecided():
 
 def _bare_student(path):
     """The tiny char-level student with its chat template removed (a base model)."""
-    import json
-
     import tiny_chat
 
-    student = tiny_chat.make_student_dir(path)
-    for f in student.glob("chat_template.*"):
-        f.unlink()
-    cfg_file = student / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg.pop("chat_template", None)
-    cfg_file.write_text(json.dumps(cfg))
-    return student
+    return tiny_chat.drop_chat_template(tiny_chat.make_student_dir(path))
 
 
 def _spy_sampler(monkeypatch) -> list[dict]:

@@ -53,6 +53,17 @@ def make_student_dir(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def drop_chat_template(student: Path) -> Path:
+    """Remove a student directory's chat template (it becomes a base model's)."""
+    for f in student.glob("chat_template.*"):
+        f.unlink()
+    cfg_file = student / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg))
+    return student
+
+
 def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     rows = []
