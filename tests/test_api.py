@@ -17,6 +17,7 @@ import pytest
 
 import tiny_tokenizer
 from test_chat import BARE_ANSWER_TEMPLATE
+from pool_files import gsm8k
 from scas_jax import api
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.models.config import ModelConfig
@@ -27,10 +28,6 @@ TINY = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_laye
                    num_kv_heads=2, head_dim=8)
 S = 16  # ScoreConfig().max_segments
 
-
-def gsm8k(teacher: str, n: int) -> list[dict]:
-    with open(GSM8K_POOL / f"{teacher}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in list(f)[:n]]
 
 
 @pytest.fixture(scope="module")

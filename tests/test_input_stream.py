@@ -23,6 +23,7 @@ import pytest
 
 import tiny_tokenizer
 from interrupt import Interrupted, stop_after
+from pool_files import gsm8k
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.data.chat import ChatEncoder
 from scas_jax.data.packing import materialise
@@ -33,10 +34,6 @@ from scas_jax.scoring.scorer import ScoreConfig, prepare, prepare_stream
 KEYS = ("tokens", "question_mask", "answer_mask", "nll_question_mask", "nll_answer_mask")
 TEACHERS = ("human_reference", "gpt3_175b_verification", "gpt3_6b_verification")
 
-
-def gsm8k(teacher: str, n: int) -> list[dict]:
-    with open(GSM8K_POOL / f"{teacher}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in list(f)[:n]]
 
 
 def pool_rows(n: int = 6) -> list[dict]:

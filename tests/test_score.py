@@ -25,6 +25,7 @@ import pytest
 import tiny_tokenizer
 from test_chat import BARE_ANSWER_TEMPLATE, MISMATCH_TEMPLATE, with_template
 from interrupt import Interrupted, stop_after
+from pool_files import gsm8k, write_pool
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli_main
 from scas_jax.data.chat import ChatEncoder
@@ -41,18 +42,6 @@ TEACHERS = ("human_reference", "gpt3_175b_verification", "gpt3_6b_verification")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def gsm8k(teacher: str, n: int, start: int = 0) -> list[dict]:
-    with open(GSM8K_POOL / f"{teacher}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in list(f)[start : start + n]]
-
-
-def write_pool(directory: Path, files: dict[str, list]) -> Path:
-    """``{file name: rows}`` -> JSONL files (a str row is written verbatim)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
-        lines = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in rows]
-        (directory / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    return directory
 
 
 def read_jsonl(path: Path) -> list[dict]:

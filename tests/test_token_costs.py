@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import tiny_tokenizer
+from pool_files import gsm8k, write_pool
 from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli_main
 from scas_jax.scoring.fields import ERROR_FIELD
@@ -17,16 +18,6 @@ from scas_jax.scoring.fields import ERROR_FIELD
 TEACHERS = ("human_reference", "gpt3_175b_verification")
 
 
-def gsm8k(teacher: str, n: int) -> list[dict]:
-    with open(GSM8K_POOL / f"{teacher}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in list(f)[:n]]
-
-
-def write_pool(directory: Path, files: dict[str, list[dict]]) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, rows in files.items():
-        (directory / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return directory
 
 
 def read_jsonl(path: Path) -> list[dict]:
