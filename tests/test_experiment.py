@@ -403,7 +403,7 @@ def test_a_changed_other_student_redoes_only_its_own_stages(two_students, capsys
     out, args = two_students
     one = out / "tiny"
     single = list(args)
-    for value in ("other_chat_template=plain", "both_roles=true"):
+    for value in ("other_chat_template=plain", "both_roles=true", "other_learning_rate=0.002"):
         i = single.index(value)
         del single[i - 1:i + 1]  # "--set", value
     single[single.index("--out") + 1] = str(one)
