@@ -59,7 +59,11 @@ from jax.experimental import multihost_utils
 from scas_jax import distributed
 group = distributed.initialize()
 total = multihost_utils.process_allgather(jnp.full((2,), jax.process_index())).sum()
-print("RESULT", group.source, jax.process_index(), jax.process_count(), jax.device_count(), int(total), flush=True)
+# one write(2) of one line: gloo's C++ log lines share the process's output streams, and a
+# print() in pieces (unbuffered output) could be split by them
+import os
+line = " ".join(map(str, ("RESULT", group.source, jax.process_index(), jax.process_count(), jax.device_count(), int(total))))
+os.write(1, (line + chr(10)).encode())
 """
 
 

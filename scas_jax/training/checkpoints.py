@@ -59,6 +59,15 @@ class TrainCheckpoints:
             return None
         return self.manager.latest_step()
 
+    def step_dirs_on_disk(self) -> bool:
+        """Whether a step directory exists on disk, whatever this process's manager has
+        recorded: a process that fails inside a collective save (a peer died) may not have
+        registered a step its peers already committed; such a directory is never deleted."""
+        try:
+            return any(p.name.isdigit() for p in self.directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            return False
+
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         ocp = self._ocp
         if step in (self.manager.all_steps() or []):

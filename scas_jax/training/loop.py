@@ -266,7 +266,8 @@ def train(
                     profile)
     except BaseException:
         # a run that fails before its first checkpoint leaves nothing behind
-        if created and output_dir.exists() and ckpts.latest_step() is None and is_main_process():
+        if (created and output_dir.exists() and ckpts.latest_step() is None and not ckpts.step_dirs_on_disk()
+                and is_main_process()):
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
     finally:
