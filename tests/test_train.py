@@ -328,13 +328,9 @@ def test_student_without_chat_template_is_refused(tmp_path):
     """A tokenizer with no chat template: a clear error before any checkpoint is written."""
     from scas_jax.training.loop import train
 
-    student = make_student_dir(tmp_path / "student")
-    for f in student.glob("chat_template.*"):
-        f.unlink()
-    cfg_file = student / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg.pop("chat_template", None)
-    cfg_file.write_text(json.dumps(cfg))
+    from tiny_chat import drop_chat_template
+
+    student = drop_chat_template(make_student_dir(tmp_path / "student"))
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
     with pytest.raises(ScasError, match="no chat template"):
         train(student, data, tmp_path / "run", None, ["steps=1", "batch_size=8", "seq_len=64"],
