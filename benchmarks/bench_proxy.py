@@ -32,28 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from scas_jax.experiment.compare import spearman  # one Spearman (average ranks) for the project
+
 SCORES = ("scas_score", "answer_mean_nll", "answer_answer_block", "answer_question_block",
           "nll_weight_score", "scas_score_no_diag", "random")
 TRUTHS = ("target", "all")
-
-
-def ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share the mean rank), 0-based."""
-    order = np.argsort(x, kind="mergesort")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    for v in np.unique(x):
-        idx = np.flatnonzero(x == v)
-        if len(idx) > 1:
-            r[idx] = r[idx].mean()
-    return r
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
 
 
 def bootstrap(a, b, n=1000, seed=0) -> tuple[float, float]:

@@ -71,13 +71,12 @@ def spearman(a, b) -> float:
 
 
 def _ci(values: np.ndarray, samples: int, seed: int) -> list[float] | None:
-    """95 % percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
-    if len(values) == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(values), size=(samples, len(values)))
-    means = values[idx].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+    """95 % percentile bootstrap interval of the mean of ``values`` (the evaluation's
+    :func:`~scas_jax.evaluation.metrics.bootstrap_interval`), as a list."""
+    from scas_jax.evaluation.metrics import bootstrap_interval
+
+    ci = bootstrap_interval(values, samples=samples, seed=seed)
+    return None if ci is None else list(ci)
 
 
 def _shares(counts: Counter, total: int) -> dict[str, float]:
