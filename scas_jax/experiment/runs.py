@@ -73,11 +73,12 @@ def heldout_nlls(model: Path, rows: list[dict], cfg: ExperimentConfig, mesh) -> 
 
 
 def macro_nll(nlls: list[float], rows: list[dict]) -> float:
-    by: dict[str, list[float]] = {}
-    for v, r in zip(nlls, rows):
-        if math.isfinite(v):
-            by.setdefault(r["teacher_name"], []).append(v)
-    return sum(sum(v) / len(v) for v in by.values()) / len(by) if by else math.nan
+    """The macro-average over teachers of the finite NLLs (evaluate's
+    :func:`~scas_jax.evaluation.metrics.per_teacher_means`); NaN when there is none."""
+    from scas_jax.evaluation.metrics import per_teacher_means
+
+    macro = per_teacher_means((r["teacher_name"], v) for v, r in zip(nlls, rows))["macro_mean_nll"]
+    return math.nan if macro is None else macro
 
 
 def run_one(cfg: ExperimentConfig, arm: str, seed: int | None, run_dir: Path, student: Path,
@@ -139,6 +140,9 @@ def run_one(cfg: ExperimentConfig, arm: str, seed: int | None, run_dir: Path, st
 
 
 def iter_rows(pool: Path):
-    for p in sorted(pool.glob("*.jsonl")):
-        for _, r in iter_jsonl(p):
+    """Every row of a pool directory (the one pool reader, :mod:`scas_jax.data.files`)."""
+    from scas_jax.data.files import discover_pool, iter_rows as file_rows
+
+    for pf in discover_pool(pool):
+        for _, r in file_rows(pf):
             yield r
