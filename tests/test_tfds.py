@@ -184,14 +184,27 @@ def test_resume_follows_the_datasets_source_checksums(tiny_student, tmp_path, ca
     m = score(tiny_student, data, out, **kw)
     assert m["resumed_batches"] == 2 and m["stale_journals"] == {}
 
-    interrupt(data)  # a dataset built from another version of the pool: not resumed
+    interrupt(data)  # a dataset built from another version of the pool: refused
+    (journal,) = (out / JOURNAL_DIR).glob("*.jsonl")
     changed = [dict(r) for r in rows[TEACHERS[1]]]
     changed[3] = {**changed[3], "teacher_output": "The answer is 42.", "teacher_correct": True}
     write_pool(pool, {f"{TEACHERS[1]}.jsonl": changed})
     data2 = tmp_path / "data2"
     build(pool, data2)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ScasError) as err:
+        score(tiny_student, data2, out, **kw)
+    msg = str(err.value)
+    assert str(data2 / "mini" / "1.0.0") in msg and str(journal) in msg
+    assert f"{TEACHERS[1]}: source sha256" in msg and TEACHERS[0] + ":" not in msg
+    assert "another version of the pool" in msg and "--output-dir" in msg
+    assert journal.exists() and {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    m = score(tiny_student, data, out, **kw)  # the journal's own dataset still resumes it
+    assert m["resumed_batches"] == 2 and m["stale_journals"] == {}
+    # the JSONL pool edited since a journal: starts over, naming the change
+    interrupt(data)
     capsys.readouterr()
-    m = score(tiny_student, data2, out, **kw)
+    m = score(tiny_student, pool, out, **kw)
     assert m["resumed_batches"] == 0 and m["scored_batches"] == m["batches"]
     (why,) = m["stale_journals"].values()
     assert why.startswith(f"inputs.{TEACHERS[1]} changed")
@@ -225,6 +238,24 @@ def test_invalid_row_names_file_and_line_and_leaves_nothing(tmp_path, capsys):
     with pytest.raises(ScasError, match=r"a.jsonl:3: duplicate id"):
         build_pool_dataset(dup, tmp_path / "d4")
     assert not (tmp_path / "d4").exists()
+
+
+def test_build_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """TFDS's builder makes a ``mkdtemp("tfds")`` dir in the system temp dir and never
+    removes it (DatasetInfo.initialize_from_bucket); ours skips it, on success and failure."""
+    import tempfile
+
+    from scas_jax.data.tfds_pool import build_pool_dataset, gsm8k_data_source
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    pool = write_pool(tmp_path / "pool", {"a.jsonl": gsm8k(TEACHERS[0], 2)})
+    build_pool_dataset(pool, tmp_path / "ok")
+    with pytest.raises(ScasError):
+        build_pool_dataset(write_pool(tmp_path / "bad", {"a.jsonl": ["{not json"]}), tmp_path / "no")
+    gsm8k_data_source(tmp_path / "gsm8k")
+    assert list(system_tmp.iterdir()) == []
 
 
 def test_corrupt_array_record_file_is_named(tmp_path):

@@ -43,7 +43,8 @@ class PoolFile:
     """One teacher file: where it is, the teacher its name implies, its kind, and, once
     read by :func:`scas_jax.data.pool.read_pool_file`, its kept rows and counts.
 
-    rows: kept candidates in file order; n_read: rows read (after ``limit``, before the
+    rows: kept candidates in file order (empty when read with ``keep_rows=False``);
+    n_kept: how many rows were kept; n_read: rows read (after ``limit``, before the
     verification filter); skipped_unverified: rows dropped because they are flagged
     incorrect; errors: kept rows with ``error`` set; rows_without_id: kept rows with no id.
     """
@@ -52,6 +53,7 @@ class PoolFile:
     teacher: str
     kind: str = CANDIDATES
     rows: list[Candidate] = field(default_factory=list)
+    n_kept: int = 0
     n_read: int = 0
     skipped_unverified: int = 0
     errors: int = 0

@@ -102,24 +102,60 @@ def read_pool_file(
     limit: int | None = None,
     teacher: str | None = None,
     ids_seen: dict[str, set[str]] | None = None,
+    keep_rows: bool = True,
 ) -> PoolFile:
     """Read and validate one teacher file.
 
     ``path`` is a JSONL file or a discovered :class:`PoolFile` (which may be a teacher of
     a TFDS dataset). ``teacher`` overrides the file-level name (default: from the path).
     When ``ids_seen`` is given, every id read is recorded as ``ids_seen[id_key] |= {teacher}``.
+    ``keep_rows=False``: validate and count only (``rows`` stays empty, ``n_kept`` counts
+    them); :func:`iter_candidates` reads the same candidates again, one at a time.
     """
     source = path if isinstance(path, PoolFile) else PoolFile(Path(path), "")
-    path = source.path
+    teacher = teacher or source.teacher or teacher_from_filename(source.path)
+    out = PoolFile(path=source.path, teacher=teacher, kind=source.kind, dataset=source.dataset,
+                   sha256=source.sha256)
+    for cand in _validated(source, out, include_unverified, limit, ids_seen):
+        out.n_kept += 1
+        out.errors += cand.error is not None
+        out.rows_without_id += cand.key is None
+        if keep_rows:
+            out.rows.append(cand)
+    return out
+
+
+def iter_candidates(pf: PoolFile, *, include_unverified: bool = False,
+                    limit: int | None = None) -> Iterator[Candidate]:
+    """The kept candidates of a teacher file validated by :func:`read_pool_file` (same
+    settings), read again one at a time, in file order: a pool of 10^6 answers is never
+    held in memory. ScasError when the file no longer yields the ``pf.n_kept`` candidates
+    it had (it changed between the reads)."""
+    probe = PoolFile(path=pf.path, teacher=pf.teacher, kind=pf.kind, dataset=pf.dataset,
+                     sha256=pf.sha256)
+    n = 0
+    for cand in _validated(pf, probe, include_unverified, limit, None):
+        n += 1
+        if n > pf.n_kept:
+            break
+        yield cand
+    if n != pf.n_kept:
+        raise ScasError(f"{pf.path}: changed while being read (it had {pf.n_kept} candidates "
+                        f"to score, now {'more' if n > pf.n_kept else n}); run again")
+
+
+def _validated(source: PoolFile, counts: PoolFile, include_unverified: bool, limit: int | None,
+               ids_seen: dict[str, set[str]] | None) -> Iterator[Candidate]:
+    """The kept candidates of ``source`` with every check of the module docstring;
+    ``counts.n_read`` and ``counts.skipped_unverified`` are counted as rows are read."""
+    path, teacher = source.path, counts.teacher
     if limit is not None and limit < 0:
         raise ScasError(f"limit must be >= 0, got {limit}")
-    teacher = teacher or source.teacher or teacher_from_filename(path)
     first_line: dict[str, int] = {}
-    out = PoolFile(path=path, teacher=teacher, dataset=source.dataset, sha256=source.sha256)
     for line_no, row in iter_rows(source, limit):
-        out.n_read += 1
-        if row.get("id") is not None:
-            key = id_key(row["id"])
+        counts.n_read += 1
+        key = None if row.get("id") is None else id_key(row["id"])
+        if key is not None:
             if key in first_line:
                 raise ScasError(
                     f"{path}:{line_no}: duplicate id {key} (first at line {first_line[key]})"
@@ -129,15 +165,10 @@ def read_pool_file(
                 ids_seen.setdefault(key, set()).add(teacher)
         where = f"{path}:{line_no}"
         if correctness_at(row, where) is False and not include_unverified:
-            out.skipped_unverified += 1
+            counts.skipped_unverified += 1
             continue
-        error = missing_fields_error(row)
-        out.errors += error is not None
-        out.rows_without_id += row.get("id") is None
-        key = None if row.get("id") is None else id_key(row["id"])
-        out.rows.append(Candidate(key=key, row=row, teacher=str(row_teacher(row, teacher)), source=where,
-                                  line=line_no, error=error))
-    return out
+        yield Candidate(key=key, row=row, teacher=str(row_teacher(row, teacher)), source=where,
+                        line=line_no, error=missing_fields_error(row))
 
 
 def read_pool(
@@ -146,10 +177,13 @@ def read_pool(
     include_unverified: bool = False,
     limit: int | None = None,
     teachers: Sequence[str] | None = None,
+    keep_rows: bool = True,
 ) -> Pool:
     """Discover, read and validate every teacher file of ``directory``.
 
     teachers: if given, keep only files whose file-level teacher name is listed.
+    keep_rows: False keeps counts, ids and the summary only (no row in memory; read the
+    candidates again with :func:`iter_candidates`).
     Raises ScasError when the directory is missing, holds no candidate file, or any
     file is invalid (every file is validated before returning).
     """
@@ -163,7 +197,7 @@ def read_pool(
     ids_seen: dict[str, set[str]] = {}
     files = [
         read_pool_file(f, include_unverified=include_unverified, limit=limit, teacher=f.teacher,
-                       ids_seen=ids_seen)
+                       ids_seen=ids_seen, keep_rows=keep_rows)
         for f in found
     ]
     return Pool(directory=directory, files=files, summary=summarize(files, ids_seen, shadowed))
@@ -180,7 +214,7 @@ def summarize(
     return PoolSummary(
         files=len(files),
         rows_read=sum(f.n_read for f in files),
-        rows=sum(len(f.rows) for f in files),
+        rows=sum(f.n_kept for f in files),
         errors=sum(f.errors for f in files),
         skipped_unverified=sum(f.skipped_unverified for f in files),
         rows_without_id=sum(f.rows_without_id for f in files),

@@ -133,6 +133,15 @@ def _base_builder():
         return _BUILDER["base"]
     tfds = _tfds()
 
+    class LocalInfo(tfds.core.DatasetInfo):
+        """A DatasetInfo that never looks for precomputed info on GCS: TFDS's
+        ``initialize_from_bucket`` (run by every builder on a data dir without a dataset)
+        makes a ``tempfile.mkdtemp("tfds")`` directory it never removes, then tries the
+        network; our datasets are only ever local."""
+
+        def initialize_from_bucket(self) -> None:
+            pass
+
     class ScasPoolBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """One record per answer of a pool (or row of an SFT file); see the module docstring."""
 
@@ -154,7 +163,7 @@ def _base_builder():
 
         def _info(self):
             metadata = tfds.core.MetadataDict(format=self._fmt, teachers=[])
-            return tfds.core.DatasetInfo(
+            return LocalInfo(
                 builder=self, description=self._description or "scas_jax answer pool",
                 features=_features(tfds), metadata=metadata, disable_shuffling=True)
 

@@ -3,7 +3,9 @@
 :func:`score` is five steps, each a function below:
 
 1. :func:`_validate`: settings, the student's config and tokenizer files, and the whole
-   pool, before any model loads (every problem is a :class:`ScasError`);
+   pool, before any model loads (every problem is a :class:`ScasError`); the pool is read
+   for its counts, ids and summary only (``read_pool(keep_rows=False)``): no stage holds
+   every row, the rows are read again from the files when tokenized and when written;
 2. :func:`_plan`: content identities of the student and of every candidate file, which
    teachers ``--skip-existing`` may keep (those whose manifest record says they were
    made from the same inputs and settings), the manifest's settings;
@@ -11,7 +13,7 @@
 4. :func:`_run`: tokenize and plan the batches once (:func:`scorer.prepare_stream`:
    one streaming pass, no token arrays held), score the
    batches the journal (:mod:`scas_jax.scoring.journal`) does not list yet, journaling
-   each one as it finishes;
+   each one as it finishes; the fields are kept as float64 columns (:class:`FieldColumns`);
 5. :func:`_write`: ``<teacher>_scas_scores.jsonl`` per teacher and ``manifest.json``,
    each atomically, then delete the journal.
 
@@ -108,7 +110,7 @@ class Request:
 
     student: Any  # a loaded Student, else None
     student_path: Path | None  # the student's path, else None
-    pool: Any  # scas_jax.data.pool.Pool
+    pool: Any  # scas_jax.data.pool.Pool, read with keep_rows=False (counts, no rows)
     candidate_dir: Path
     output_dir: Path
     cfg: Any  # scas_jax.scoring.scorer.ScoreConfig
@@ -161,7 +163,8 @@ def _validate(student, candidate_dir, output_dir, *, lambda_scas, target_layer, 
         num_layers = _student_preflight(student_path, target_layer)
     if num_layers is not None:
         parse_tap(target_layer, num_layers)
-    pool = read_pool(candidate_dir, include_unverified=include_unverified, limit=limit)
+    pool = read_pool(candidate_dir, include_unverified=include_unverified, limit=limit,
+                     keep_rows=False)
     cfg = ScoreConfig(lambda_scas=lam, target_layer=target_layer, batch_tokens=int(batch_tokens),
                       max_length=int(max_length), max_segments=int(max_segments), dtype=dtype)
     return Request(student=None if student_path else student, student_path=student_path,
@@ -259,8 +262,36 @@ def _plan(req: Request) -> Plan:
                 _say(f"{teacher}: rescoring {output}: {reason}")
     kept = _agree_on_kept(kept, list(outputs))
     todo = [f for f in req.pool.files if f.teacher not in kept]
+    _refuse_other_dataset_version(req, todo, records)
     return Plan(mesh=_resolve_mesh(req.mesh), student_id=student_id, records=records,
                 outputs=outputs, todo=todo, kept=kept, replaced=replaced)
+
+
+def _refuse_other_dataset_version(req: Request, todo: list, records: dict[str, dict]) -> None:
+    """ScasError when the input is a TFDS dataset built from another version of the pool
+    than an interrupted run's journal in the output directory: a teacher named in both
+    whose source sha256 (recorded in the dataset) differs from the journal's. Resuming would mix
+    two pools and starting over would silently drop the journaled work, so the run stops
+    and says how to go on. A JSONL pool edited since the journal still starts over (the
+    journal then names the change)."""
+    from scas_jax.scoring.journal import recorded_inputs
+
+    datasets = {f.teacher: f for f in todo if f.dataset is not None}
+    if not datasets:
+        return
+    for path, inputs in recorded_inputs(req.output_dir).items():
+        changed = [t for t in datasets if t in inputs and inputs[t] != records[t]["input_sha256"]]
+        if not changed:
+            continue
+        version_dir = datasets[changed[0]].dataset.version_dir
+        what = "; ".join(f"{t}: source sha256 {records[t]['input_sha256'][:12]}... in the dataset, "
+                         f"{str(inputs[t])[:12]}... in the journal" for t in changed)
+        raise ScasError(
+            f"dataset {version_dir} was built from another version of the pool than the "
+            f"interrupted run journaled in {path} ({what}): not resuming it. To score this "
+            f"dataset, delete {path} (or the whole {req.output_dir}) or pass another "
+            "--output-dir; to finish the interrupted run, score the pool or dataset it was "
+            "started on.")
 
 
 def _say(message: str) -> None:
@@ -366,9 +397,9 @@ def _load(req: Request, plan: Plan):
 class Run:
     """The outcome of the scoring loop: every item's fields, from this run or the journal."""
 
-    items: list  # [(file-level teacher, Candidate)] in output order
+    items: list | None  # [(file-level teacher, Candidate)] in output order; None when streamed
     prepared: Any  # scas_jax.scoring.scorer.Prepared
-    fields: dict[int, dict]  # item index -> metric fields (scored items only)
+    fields: Any  # FieldColumns: item index -> metric fields (scored items only)
     journal: Any
     fingerprint: str
     stale_journals: dict[str, str]
@@ -393,7 +424,50 @@ def _journal_parts(req: Request, plan: Plan, prepared, divisor: int) -> dict[str
     }  # fmt: skip
 
 
-def _open_journal(req: Request, plan: Plan, prepared, divisor: int):
+class FieldColumns:
+    """The metric fields of every scored item as float64 columns ``[n_items, n_fields]``
+    (8 bytes a value: 10^6 rows take ~100 MB where as many dicts take ~1 GB).
+
+    A journal's floats round-trip exactly (``repr``), so ``self[i]`` is the dict that was
+    put, with its key order; a fields dict of other keys or non-float values is kept as
+    is. ``put`` is the journal's ``sink``.
+    """
+
+    def __init__(self, n_items: int):
+        import numpy as np
+
+        self.names: tuple[str, ...] | None = None
+        self.values = None  # float64 [n_items, len(names)], allocated on the first put
+        self.have = np.zeros(n_items, bool)
+        self.other: dict[int, dict] = {}
+
+    def put(self, batch: int, items) -> None:
+        import numpy as np
+
+        for i, f in items:
+            if self.names is None:
+                self.names = tuple(f)
+                self.values = np.zeros((len(self.have), len(self.names)), np.float64)
+            vals = list(f.values())
+            if tuple(f) == self.names and all(type(v) is float for v in vals):
+                self.values[i] = vals
+                self.have[i] = True
+                self.other.pop(i, None)
+            else:
+                self.other[i] = f
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.other or bool(self.have[i])
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.other:
+            return self.other[i]
+        if not self.have[i]:
+            raise KeyError(i)
+        return dict(zip(self.names, self.values[i].tolist()))
+
+
+def _open_journal(req: Request, plan: Plan, prepared, divisor: int, sink=None):
     """The run's journal, and ``{stale journal name: why it is not resumed}``."""
     from scas_jax.parallel import is_main_process
     from scas_jax.scoring.journal import Journal, fingerprint, stale_reasons
@@ -401,7 +475,7 @@ def _open_journal(req: Request, plan: Plan, prepared, divisor: int):
     parts = _journal_parts(req, plan, prepared, divisor)
     fp = fingerprint(parts)
     journal = Journal(req.output_dir, fp, len(prepared.plans), write=is_main_process(),
-                      parts=parts)
+                      parts=parts, sink=sink)
     stale = {}
     if journal.resumed == 0:
         stale = {p.name: why for p, why in stale_reasons(req.output_dir, fp, parts).items()}
@@ -422,24 +496,27 @@ def _run(req: Request, plan: Plan, st, params, stream: bool = True) -> Run:
     from scas_jax.parallel import batch_divisor, is_main_process
     from scas_jax.scoring.scorer import iter_scored_batches, prepare, prepare_stream
 
-    items = [(f.teacher, c) for f in plan.todo for c in f.rows]
     divisor = batch_divisor(plan.mesh)
     t0 = time.time()
-    rows = (c.row for _, c in items)
+    items = None
     if stream:
         req.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = (c.row for _, c in _iter_items(req, plan.todo))
         prepared = prepare_stream(rows, st.tokenizer, req.cfg, row_multiple=divisor,
                                   spill_dir=req.output_dir)
     else:
-        prepared = prepare(list(rows), st.tokenizer, req.cfg, row_multiple=divisor)
+        items = list(_iter_items(req, plan.todo))
+        prepared = prepare([c.row for _, c in items], st.tokenizer, req.cfg,
+                           row_multiple=divisor)
     t_prep = time.time() - t0
-    journal, stale = _open_journal(req, plan, prepared, divisor)
+    fields = FieldColumns(len(prepared))
+    journal, stale = _open_journal(req, plan, prepared, divisor, sink=fields.put)
     n_batches = len(prepared.plans)
     done = _agree_on_done(journal, n_batches)
     lengths = prepared.length
     main = is_main_process()
     bar = tqdm(total=sum(len(p.items) for p in prepared.plans),
-               initial=sum(len(v) for v in journal.done.values()), unit="row", desc="scoring",
+               initial=journal.rows_done(), unit="row", desc="scoring",
                disable=not (req.progress and main), dynamic_ncols=True, file=sys.stderr)
     from scas_jax.profiling import StepProfiler
 
@@ -466,10 +543,19 @@ def _run(req: Request, plan: Plan, st, params, stream: bool = True) -> Run:
         journal.close()
         if stream:
             prepared.close()  # the spill file; errors and lengths stay readable
-    fields = {i: f for batch in journal.done.values() for i, f in batch}
     return Run(items=items, prepared=prepared, fields=fields, journal=journal,
                fingerprint=journal.fingerprint, stale_journals=stale, tokenize_time_s=t_prep,
                scoring_time_s=time.time() - t_loop, new_tokens=new_tokens, new_rows=new_rows)
+
+
+def _iter_items(req: Request, files) -> Iterator[tuple[str, Any]]:
+    """``(file-level teacher, Candidate)`` of every kept row of ``files``, in output
+    order, read again from the files (:func:`scas_jax.data.pool.iter_candidates`)."""
+    from scas_jax.data.pool import iter_candidates
+
+    for f in files:
+        for c in iter_candidates(f, include_unverified=req.include_unverified, limit=req.limit):
+            yield f.teacher, c
 
 
 def _prepared_digest(prepared) -> str:
@@ -514,9 +600,10 @@ def _agree_on_done(journal, n_batches: int) -> set[int]:
 
 def _teacher_rows(req: Request, plan: Plan, run: Run,
                   manifest: dict) -> dict[str, Iterable[dict]]:
-    """Output rows per teacher, in input order (main process; each a generator, so the
-    rows of a large pool are built while written, never all at once), and the
-    per-teacher counts in ``manifest["teachers"]`` (every process)."""
+    """Output rows per teacher, in input order (main process; each a generator reading
+    its file again, so the rows of a large pool are built while written, never all at
+    once), and the per-teacher counts in ``manifest["teachers"]`` (every process).
+    Items are numbered file after file: teacher ``f`` holds ``f.n_kept`` of them."""
     from scas_jax.parallel import is_main_process
     from scas_jax.scoring.fields import error_fields
 
@@ -526,27 +613,25 @@ def _teacher_rows(req: Request, plan: Plan, run: Run,
                if prepared.error(i) is None and i not in run.fields]
     if missing and main:  # cannot happen unless the plan lost items: never write partial files
         raise RuntimeError(f"internal error: {len(missing)} planned rows were not scored")
-    indices: dict[str, list[int]] = {f.teacher: [] for f in plan.todo}
-    counts = {f.teacher: {"rows": 0, "errors": 0, "tokens": 0} for f in plan.todo}
-    for i, (teacher, _) in enumerate(run.items):
-        e = prepared.error(i)
-        indices[teacher].append(i)
-        c = counts[teacher]
-        c["rows"] += 1
-        c["errors"] += e is not None
-        c["tokens"] += prepared.length(i)
-    for teacher, c in counts.items():
-        manifest["teachers"][teacher].update(c)
+    starts, start = {}, 0
+    for f in plan.todo:
+        span = range(start, start + f.n_kept)
+        starts[f.teacher] = start
+        manifest["teachers"][f.teacher].update(
+            rows=len(span), errors=sum(prepared.error(i) is not None for i in span),
+            tokens=sum(prepared.length(i) for i in span))
+        start += f.n_kept
 
-    def rows(items: list[int]) -> Iterator[dict]:
-        for i in items:
-            cand = run.items[i][1]
+    def rows(f) -> Iterator[dict]:
+        cands = ((c for _, c in _iter_items(req, [f])) if run.items is None
+                 else (c for t, c in run.items if t == f.teacher))
+        for i, cand in enumerate(cands, starts[f.teacher]):
             e = prepared.error(i)
-            f = error_fields(e, req.cfg.lambda_scas) if e is not None else run.fields[i]
-            yield _output_row(cand.row, cand.teacher, f)
+            fields = error_fields(e, req.cfg.lambda_scas) if e is not None else run.fields[i]
+            yield _output_row(cand.row, cand.teacher, fields)
 
     # other hosts hold no fields of the batches process 0 had journaled
-    return {t: rows(items) if main else [] for t, items in indices.items()}
+    return {f.teacher: rows(f) if main else [] for f in plan.todo}
 
 
 def _totals(req: Request, run: Run, t_start: float) -> dict[str, Any]:
@@ -555,7 +640,7 @@ def _totals(req: Request, run: Run, t_start: float) -> dict[str, Any]:
     n_batches = len(run.prepared.plans)
     t_loop = run.scoring_time_s
     return dict(
-        rows=len(run.items),
+        rows=len(run.prepared),
         errors=len(run.prepared.error_items),
         skipped_unverified=req.pool.summary.skipped_unverified,
         tokens=stats["real_tokens"],

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from scas_jax.io_utils import append_json_line
 
@@ -70,23 +70,44 @@ def stale_reasons(output_dir: Path, fp: str, parts: dict[str, Any]) -> dict[Path
     return out
 
 
+def recorded_inputs(output_dir: Path) -> dict[Path, dict[str, str]]:
+    """``{journal path: {teacher: input sha256}}`` as recorded in the header of every
+    journal of this version in ``output_dir`` (unreadable ones left out)."""
+    out = {}
+    folder = Path(output_dir) / JOURNAL_DIR
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        header = read_header(path)
+        if header is None or header.get("journal") != JOURNAL_VERSION:
+            continue
+        inputs = (header.get("parts") or {}).get("inputs")
+        if isinstance(inputs, dict):
+            out[path] = {str(k): v for k, v in inputs.items()}
+    return out
+
+
 class Journal:
     """Append-only record of finished batches for one run fingerprint.
 
     ``done`` maps batch index -> ``[(item_index, fields), ...]`` as read at open time plus
     everything recorded since. ``write=False`` (non-main processes of a multi-host run)
     reads but never writes.
+
+    ``sink``: a callable ``sink(batch, items)`` that takes each batch's items instead
+    (read at open time or recorded); ``done`` then maps batch index -> its number of
+    items, so a journal of 10^6 rows is not held as 10^6 dicts
+    (``scas-jax score`` keeps the fields as columns).
     """
 
     def __init__(self, output_dir: Path, fp: str, n_batches: int, write: bool = True,
-                 parts: dict | None = None):
+                 parts: dict | None = None, sink: Callable[[int, list], None] | None = None):
         self.path = Path(output_dir) / JOURNAL_DIR / f"{fp}.jsonl"
         self.fingerprint = fp
         self.n_batches = n_batches
         self.header = {"journal": JOURNAL_VERSION, "fingerprint": fp, "batches": n_batches,
                        "parts": parts or {}}
         self.write = write
-        self.done: dict[int, list[tuple[int, dict]]] = {}
+        self.sink = sink
+        self.done: dict[int, Any] = {}
         self._fh = None
         good_end = self._read()
         self.resumed = len(self.done)
@@ -125,9 +146,20 @@ class Journal:
                     k = obj.get("batch") if isinstance(obj, dict) else None
                     if not isinstance(k, int) or not 0 <= k < self.n_batches:
                         break
-                    self.done[k] = [(int(i), f) for i, f in obj["items"]]
+                    self._keep(k, [(int(i), f) for i, f in obj["items"]])
                 good_end = offset
         return good_end
+
+    def _keep(self, batch: int, items: list[tuple[int, dict]]) -> None:
+        if self.sink is None:
+            self.done[batch] = items
+        else:
+            self.sink(batch, items)
+            self.done[batch] = len(items)
+
+    def rows_done(self) -> int:
+        """How many items the finished batches hold."""
+        return sum(v if isinstance(v, int) else len(v) for v in self.done.values())
 
     def _append(self, obj: dict) -> None:
         append_json_line(self._fh, obj)
@@ -135,7 +167,7 @@ class Journal:
     def record(self, batch: int, items: Iterable[tuple[int, dict]]) -> None:
         """Durably record one finished batch."""
         items = [(int(i), f) for i, f in items]
-        self.done[batch] = items
+        self._keep(batch, items)
         if self._fh is not None:
             self._append({"batch": batch, "items": [[i, f] for i, f in items]})
 
