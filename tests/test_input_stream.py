@@ -106,6 +106,29 @@ def test_prompt_cache_gives_identical_encodings(smollm2_tokenizer):
             assert a == b
 
 
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_batch_ids_are_the_tokenizers_own(which, request, monkeypatch):
+    """The backend's encode_batch_fast gives the ids of ``tokenizer(texts)`` on every
+    text of the edge rows, and the same tokens and plan (digest) as the plain call."""
+    from scas_jax.data import chat
+
+    tok = tiny_tokenizer.build() if which == "tiny" else request.getfixturevalue("smollm2_tokenizer")
+    enc = ChatEncoder(tok)
+    texts = [t for r in pool_rows() if r.get("instruction") for t in enc.texts(r)]
+    texts += ["", " ", "<|im_start|><|im_end|>", "a\u00a0b\u200b c\t\n", "<|endoftext|>" * 3]
+    assert getattr(tok, "_tokenizer", None) is not None  # the fast path is the one tested
+    assert chat.batch_ids(tok, texts) == tok(texts)["input_ids"]
+    cfg = ScoreConfig(batch_tokens=2048, max_length=1024, max_segments=4)
+    got = prepare_stream(iter(pool_rows()), tok, cfg, batch_size=7)
+    monkeypatch.setattr(chat, "batch_ids", lambda t, xs: t(xs)["input_ids"])
+    plain = prepare_stream(iter(pool_rows()), tok, cfg, batch_size=7)
+    try:
+        assert_same_prepared(plain, got)
+    finally:
+        got.close()
+        plain.close()
+
+
 def test_window_is_bounded_by_construction():
     """Materialising every batch (as the scorer's producer does, one batch at a time)
     never holds more item arrays than two batches' items, however many rows."""

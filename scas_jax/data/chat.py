@@ -9,7 +9,7 @@ Per row (method page, steps 1-3 and 5):
    add_generation_prompt=True)``, ``full = apply_chat_template(messages, tokenize=False,
    add_generation_prompt=False)``, each tokenized with the tokenizer's default call
    (``tokenizer(text)["input_ids"]``; here one batched call over many texts, which gives
-   the same ids).
+   the same ids: :func:`batch_ids`).
 3. ``n_prompt = len(prompt_ids)``; when ``len(full_ids) >= n_prompt > 0`` and
    ``full_ids[:n_prompt] != prompt_ids``, ``n_prompt`` becomes the length of their common
    prefix (the reference applies the fallback only in that case, so a full text shorter
@@ -146,6 +146,24 @@ def with_chat_template(tokenizer: Any, choice: str | None, flag: str = CHAT_TEMP
     out = copy.copy(tokenizer)
     out.chat_template = text
     return out
+
+
+def batch_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]`` (``list[str]`` -> one ``list[int]`` a text).
+
+    A fast tokenizer's call is its Rust backend's ``encode_batch`` plus offsets, masks
+    and a ``BatchEncoding`` that are dropped here; when the call provably reduces to the
+    backend's (the backend truncates and pads nothing and its special-token splitting is
+    the tokenizer's setting), the ids come from ``encode_batch_fast`` (no offsets: same
+    ids, ~30% faster on GSM8K answers, docs/benchmarks.md). Any other tokenizer: its own
+    call."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if (fast is None or not texts or backend.truncation is not None or backend.padding is not None
+            or bool(getattr(tokenizer, "split_special_tokens", False))
+            != bool(getattr(backend, "encode_special_tokens", False))):
+        return tokenizer(texts)["input_ids"]
+    return [e.ids for e in fast(texts, add_special_tokens=True)]
 
 
 @dataclass(frozen=True)
@@ -439,7 +457,7 @@ class ChatEncoder:
                 continue
             fulls.append((i, full, key))
         if new_prompts:  # the prompts (and heads) of new questions, in one call
-            ids = self.tokenizer(texts)["input_ids"]
+            ids = batch_ids(self.tokenizer, texts)
             for key, (k, h, cut) in new_prompts.items():
                 head = None
                 if cut and ids[h] and ids[h][-1] in self._split[1]:
@@ -460,7 +478,7 @@ class ChatEncoder:
                 plan.append((i, None, len(bodies)))
                 bodies.append(full)
         if bodies:
-            ids = self.tokenizer(bodies)["input_ids"]
+            ids = batch_ids(self.tokenizer, bodies)
             for (i, head_ids, k), (_, _, key) in zip(plan, fulls):
                 full_ids = ids[k] if head_ids is None else np.concatenate(
                     [head_ids, np.asarray(ids[k], dtype=np.int32)])
@@ -484,7 +502,7 @@ class ChatEncoder:
             texts.extend((prompt, full))
             slots.append(i)
         if texts:
-            ids = self.tokenizer(texts)["input_ids"]
+            ids = batch_ids(self.tokenizer, texts)
             for k, i in enumerate(slots):
                 results[i] = self.encode_ids(ids[2 * k], ids[2 * k + 1])
         return results  # type: ignore[return-value]
