@@ -230,3 +230,59 @@ def test_split_is_off_for_tokenizers_it_cannot_prove():
     from scas_jax.data.chat import split_safe_tokens
 
     assert split_safe_tokens(tiny_tokenizer.build()) is None  # a normalizer (lower-case)
+
+
+def test_field_columns_give_back_the_same_dicts():
+    """The fields of every scored item, kept as float64 columns, come back as the
+    same dicts (values bitwise, key order); other dicts are kept as they are."""
+    import math
+
+    cols = commands.FieldColumns(5)
+    a = {"x": 0.1 + 0.2, "y": 1e-300, "z": -0.0}
+    cols.put(0, [(0, a), (3, {"x": float("nan"), "y": 2.0, "z": 1.5})])
+    cols.put(1, [(4, {"x": 1, "y": 2.0, "z": 3.0}), (2, {"y": 1.0, "x": 2.0, "z": 3.0})])
+    assert cols[0] == a and list(cols[0]) == ["x", "y", "z"]
+    assert math.copysign(1, cols[0]["z"]) == -1 and math.isnan(cols[3]["x"])
+    assert cols[4] == {"x": 1, "y": 2.0, "z": 3.0} and type(cols[4]["x"]) is int
+    assert list(cols[2]) == ["y", "x", "z"]
+    assert 1 not in cols and all(i in cols for i in (0, 2, 3, 4))
+    with pytest.raises(KeyError):
+        cols[1]
+
+
+def test_score_holds_no_pool_rows_and_names_a_file_changed_while_read(tiny_llama, tmp_path,
+                                                                       monkeypatch):
+    """The validated pool keeps counts only; a file that changes between validation and
+    tokenizing is an error naming it (never a score file of other rows)."""
+    import jax
+
+    from scas_jax.data import pool as pool_mod
+    from scas_jax.errors import ScasError
+    from scas_jax.parallel import make_mesh
+
+    pool = _pool(tmp_path / "pool")
+    kw = dict(mesh=make_mesh("data=-1", devices=jax.devices()[:1]), batch_tokens=256,
+              max_length=1024, max_segments=2, progress=False)
+    seen = []
+    real_read_pool = pool_mod.read_pool
+
+    def read_pool(*a, **k):
+        p = real_read_pool(*a, **k)
+        seen.append(p)
+        return p
+
+    monkeypatch.setattr(pool_mod, "read_pool", read_pool)
+    m = commands.score(tiny_llama, pool, tmp_path / "out", **kw)
+    files = seen[0].files
+    assert m["rows"] == sum(f.n_kept for f in files) > 0 and all(f.rows == [] for f in files)
+
+    real_load = commands._load
+
+    def load_then_edit(req, plan):
+        with open(pool / f"{TEACHERS[1]}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": "new", "instruction": "1+1?", "teacher_output": "2"}) + "\n")
+        return real_load(req, plan)
+
+    monkeypatch.setattr(commands, "_load", load_then_edit)
+    with pytest.raises(ScasError, match=rf"{TEACHERS[1]}.jsonl: changed while being read"):
+        commands.score(tiny_llama, pool, tmp_path / "out2", **kw)
