@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scas_jax.generation.sampler import Sampler, stop_token_ids
+from scas_jax.generation.sampler import PREFILLS, Sampler, stop_token_ids
 from scas_jax.generation.sampling import SamplingConfig
 from scas_jax.loader import load_student
 from scas_jax.models.decoder import forward
@@ -132,8 +132,10 @@ def test_compilations_bounded_by_buckets(qwen3):
     prompts = [list(rng.integers(3, 90, size=n)) for n in range(1, 31)]
     gens = sampler.generate(prompts, max_new_tokens=4)
     assert sampler.compilations == 3
+    packed_shapes = sampler.prefill_compilations
+    assert 3 <= packed_shapes <= 8 * 3  # packed prefills: at most 8 lengths per bucket
     assert sampler.generate(prompts, max_new_tokens=4) == gens
-    assert sampler.compilations == 3
+    assert sampler.compilations == 3 and sampler.prefill_compilations == packed_shapes
     assert sorted({s[3] for s in sampler.cache_shapes}) == [8 + 4, 16 + 4, 32 + 4]
 
 
@@ -196,6 +198,51 @@ def test_layouts_agree_and_cpu_defaults_to_per_layer(qwen3):
     assert g1 == g2 and h1 == h2
     for n in ("k", "v"):
         np.testing.assert_allclose(np.stack([np.asarray(x) for x in c2[n]]), np.asarray(c1[n]), atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_packed_prefill_equals_padded(tiny, name, layout):
+    """Every family, both layouts: the packed prefill (prompts back to back) gives the
+    tokens and cache contents of the left-padded one, greedy and sampled; a padded
+    width well past the prompts (Mistral's window, Gemma's local layers) included."""
+    st = tiny[name][1]
+    runs = {}
+    for prefill in PREFILLS:
+        s = Sampler(st.params, st.cfg, batch_size=4, buckets=(32,), layout=layout, prefill=prefill)
+        runs[prefill] = (s.generate(PROMPTS, max_new_tokens=8),
+                         s.generate(PROMPTS, max_new_tokens=8, sampling=SamplingConfig(temperature=1.0), seed=2),
+                         s._cache[1])
+    (g1, h1, c1), (g2, h2, c2) = runs["padded"], runs["packed"]
+    assert g1 == g2 and h1 == h2
+    width = 32  # slots before a row's prompt hold padding (masked, and different)
+    lengths = sorted(map(len, PROMPTS))  # the sampler's batch is sorted by prompt length
+    used = np.array([[s >= width - n for s in range(width + 8)] for n in lengths])
+    for n in ("k", "v"):
+        for a, b in zip(jax.tree.leaves(c1[n]), jax.tree.leaves(c2[n])):
+            lead = a.ndim - 4  # 1 for the stacked layout's layer axis
+            pick = lambda x: np.moveaxis(np.asarray(x), -2, lead + 1)[(slice(None),) * lead + (used,)]  # noqa: E731
+            np.testing.assert_allclose(pick(b), pick(a), atol=1e-5)
+
+
+def test_pack_prompts_layout():
+    """Index arrays of a packed prefill, by hand: two prompts and one dummy row."""
+    from scas_jax.generation.sampler import packed_length
+    from scas_jax.models.kv_cache import pack_prompts
+
+    n = packed_length(3 + 2 + 1, rows=3, width=4)
+    assert n == 12  # steps of max(16, 3 * 4 / 8) tokens, never past the padded 3 * 4
+    h = pack_prompts([[11, 12, 13], [21, 22]], width=4, rows=3, packed_len=n, pad_id=0)
+    assert h["tokens"][:7].tolist() == [11, 12, 13, 21, 22, 0, 0]
+    assert h["positions"][:6].tolist() == [0, 1, 2, 0, 1, 0]
+    assert h["valid"].tolist() == [[False, True, True, True], [False, False, True, True],
+                                   [False, False, False, True]]
+    assert h["rows_index"].tolist() == [[0, 0, 1, 2], [3, 3, 3, 4], [5, 5, 5, 5]]
+    assert h["packed_index"][:6].tolist() == [1, 2, 3, 6, 7, 11]
+    assert h["last_index"].tolist() == [2, 4, 5]
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_prompts([[1, 2, 3, 4]] * 3, width=4, rows=3, packed_len=8)
+    assert packed_length(1000, rows=16, width=144) == 1152 and packed_length(2304, 16, 144) == 2304
 
 
 # ------------------------------------------------------------------ scas-jax generate

@@ -1,18 +1,21 @@
 """A jitted key/value-cache sampler for every supported family.
 
-One call of the compiled loop (:func:`generate_tokens`) takes a left-padded batch of
-prompts, runs one prefill pass over the whole prompt (writing the cache), then decodes
-one token per row per step under ``lax.while_loop`` until every row has produced a stop
-token or ``max_new_tokens`` tokens. The cache (:mod:`scas_jax.models.kv_cache`:
-``[layers, batch, kv_heads, max_len, head_dim]``, or one such buffer per layer on CPU)
-is an argument of the compiled loop, donated, and handed back, so consecutive batches
-of one shape reuse one buffer.
+A batch of prompts goes through two compiled calls: the prefill (:func:`prefill_tokens`),
+one pass over every prompt writing the cache, with the prompts packed back to back
+(the projections and MLPs then skip the padding; the attention runs on the left-padded
+layout gathered from them) or left-padded; then the decode loop
+(:func:`decode_tokens`), one token per row per step under ``lax.while_loop`` until
+every row has produced a stop token or ``max_new_tokens`` tokens. The cache
+(:mod:`scas_jax.models.kv_cache`: ``[layers, batch, kv_heads, max_len, head_dim]``, or
+one such buffer per layer on CPU) is an argument of both calls, donated, and handed
+back, so consecutive batches of one shape reuse one buffer.
 
 Shapes are static and few: prompts are sorted by length and cut into batches of
 ``batch_size`` rows (short batches are filled with one-token dummy rows), each batch is
 left-padded to the smallest *bucket* that holds its longest prompt, and the loop
 compiles once per ``(batch_size, bucket, max_new_tokens, sampling)``
-(:attr:`Sampler.compilations`). RoPE positions come from the padding mask, so a
+(:attr:`Sampler.compilations`), a packed prefill once per packed length (at most 8 per
+bucket, :func:`packed_length`). RoPE positions come from the padding mask, so a
 left-padded row computes what it computes alone. With a mesh
 (:func:`scas_jax.parallel.make_mesh`) rows are sharded over ``("data", "fsdp")``.
 """
@@ -30,7 +33,7 @@ from scas_jax.errors import ScasError
 from scas_jax.generation.sampling import SamplingConfig, row_keys, sample_next
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.kv_cache import (LAYOUTS, cache_shape, default_layout, init_cache, next_token_logits,
-                                      unstack_layers)
+                                      pack_prompts, unstack_layers)
 
 # Padded prompt lengths: steps of 16 up to 256, of 32 up to 512, then about 1.25x apart.
 # Padding costs in proportion twice: in the compute-bound prefill and in every decode
@@ -38,6 +41,8 @@ from scas_jax.models.kv_cache import (LAYOUTS, cache_shape, default_layout, init
 # SmolLM2 on 2 cores).
 DEFAULT_BUCKETS = (*range(16, 257, 16), *range(288, 513, 32), 640, 768, 1024, 1280, 1536, 2048,
                    2560, 3072, 4096, 5120, 6144, 8192)
+# How the prompts enter the prefill (:class:`Sampler`).
+PREFILLS = ("packed", "padded")
 # End-of-turn tokens of common chat templates; each is a stop token when the
 # tokenizer has it (besides the tokenizer's own EOS).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
@@ -78,9 +83,52 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     raise ScasError(f"a prompt of {length} tokens exceeds the largest prompt bucket ({max(buckets)})")
 
 
-def generate_tokens(
+def prefill_tokens(
     params: dict,
-    tokens: jax.Array,
+    prompt: dict,
+    keys: jax.Array,
+    cache: dict,
+    *,
+    cfg: ModelConfig,
+    sampling: SamplingConfig,
+    dtype=jnp.float32,
+    layout: str = "stacked",
+) -> tuple[jax.Array, dict]:
+    """The prefill: one pass over every prompt, writing the cache; the first new token.
+
+    Args:
+      prompt: padded, ``{"tokens" int32 [batch, P], "valid" bool [batch, P]}``
+        (left-padded prompts; every row has at least one valid token, the last); or
+        packed, the arrays of :func:`scas_jax.models.kv_cache.pack_prompts` (``tokens``
+        and ``positions`` ``[N]``, the prompts back to back; the projections and MLPs
+        then run on ``N`` rather than ``batch * P`` tokens).
+      keys: uint32 ``[batch, 2]`` row keys (:func:`scas_jax.generation.sampling.row_keys`).
+      cache: ``{"k", "v"}`` ``[layers, batch, kv_heads, max_len, head_dim]`` (``layout=
+        "per_layer"``: tuples of ``[batch, kv_heads, max_len, head_dim]``, and ``params``
+        from :func:`scas_jax.models.kv_cache.unstack_layers`), max_len >= P; its old
+        contents are never read.
+    Returns:
+      (the first new token int32 ``[batch]``, the cache holding the prompts at slots
+      ``0 .. P-1``).
+    """
+    valid = prompt["valid"]
+    b, p = valid.shape
+    max_len = cache["k"][0].shape[2] if layout == "per_layer" else cache["k"].shape[3]
+    kv_valid = jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
+    if "rows_index" in prompt:
+        packing = {k: prompt[k] for k in ("rows_index", "packed_index", "last_index")}
+        tokens, positions = prompt["tokens"][None], prompt["positions"][None]
+    else:
+        packing, tokens = None, prompt["tokens"]
+        positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+    logits, cache = next_token_logits(params, cfg, tokens, positions, cache, jnp.int32(0), kv_valid,
+                                      valid, prefill=True, dtype=dtype, layout=layout, packing=packing)
+    return sample_next(logits, keys, jnp.int32(0), sampling), cache
+
+
+def decode_tokens(
+    params: dict,
+    first: jax.Array,
     valid: jax.Array,
     keys: jax.Array,
     stop_ids: jax.Array,
@@ -93,34 +141,25 @@ def generate_tokens(
     pad_id: int = 0,
     layout: str = "stacked",
 ) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
-    """Prefill, then decode under ``lax.while_loop``.
+    """Decode after the prefill, one token per row per step, under ``lax.while_loop``.
 
     Args:
-      tokens: int32 ``[batch, P]`` left-padded prompts; valid: bool ``[batch, P]`` (False
-        on padding; every row has at least one valid token, the last).
-      keys: uint32 ``[batch, 2]`` row keys (:func:`scas_jax.generation.sampling.row_keys`).
-      stop_ids: int32 ``[n_stop]`` (n_stop >= 1; a stop id of -1 never matches).
-      cache: ``{"k", "v"}`` ``[layers, batch, kv_heads, max_len, head_dim]`` (``layout=
-        "per_layer"``: tuples of ``[batch, kv_heads, max_len, head_dim]``, and ``params``
-        from :func:`scas_jax.models.kv_cache.unstack_layers`), max_len >= P +
-        max_new_tokens; its old contents are never read.
+      first: int32 ``[batch]``, the prefill's token (:func:`prefill_tokens`); valid:
+        bool ``[batch, P]``, the prompts' padding mask; keys as for the prefill;
+        stop_ids: int32 ``[n_stop]`` (n_stop >= 1; a stop id of -1 never matches); cache:
+        the prefill's, max_len >= P + max_new_tokens.
     Returns:
       (out int32 ``[batch, max_new_tokens]`` (``pad_id`` after a row stopped), n int32
       ``[batch]`` tokens generated including the stop token, stopped bool ``[batch]``,
       the cache).
     """
-    b, p = tokens.shape
+    b, p = valid.shape
     max_len = cache["k"][0].shape[2] if layout == "per_layer" else cache["k"].shape[3]
     kv_valid = jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
     prompt_len = valid.astype(jnp.int32).sum(axis=1)
     is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=1)  # noqa: E731
-
-    logits, cache = next_token_logits(params, cfg, tokens, positions, cache, jnp.int32(0), kv_valid,
-                                      valid, prefill=True, dtype=dtype, layout=layout)
-    tok = sample_next(logits, keys, jnp.int32(0), sampling)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = is_stop(tok)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    done = is_stop(first)
     n = jnp.ones((b,), jnp.int32)
 
     def cond(state):
@@ -137,8 +176,27 @@ def generate_tokens(
         n = n + (~done).astype(jnp.int32)
         return step + 1, new, out, done | is_stop(new), n, cache
 
-    _, _, out, done, n, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), tok, out, done, n, cache))
+    _, _, out, done, n, cache = jax.lax.while_loop(cond, body, (jnp.int32(1), first, out, done, n, cache))
     return out, n, done, cache
+
+
+def generate_tokens(params: dict, prompt: dict, keys: jax.Array, stop_ids: jax.Array, cache: dict, *,
+                    cfg: ModelConfig, max_new_tokens: int, sampling: SamplingConfig, dtype=jnp.float32,
+                    pad_id: int = 0, layout: str = "stacked") -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    """:func:`prefill_tokens`, then :func:`decode_tokens` (one function to jit whole)."""
+    first, cache = prefill_tokens(params, prompt, keys, cache, cfg=cfg, sampling=sampling, dtype=dtype,
+                                  layout=layout)
+    return decode_tokens(params, first, prompt["valid"], keys, stop_ids, cache, cfg=cfg,
+                         max_new_tokens=max_new_tokens, sampling=sampling, dtype=dtype, pad_id=pad_id,
+                         layout=layout)
+
+
+def packed_length(total: int, rows: int, width: int) -> int:
+    """The packed prefill's length for ``total`` prompt tokens: rounded up to a step of
+    ``rows * width / 8`` (a multiple of 16), so one padded shape has at most 8 packed
+    shapes (bounded compiles) and the packing wastes under an eighth of the padded work."""
+    step = max(16, -(-rows * width // 8 // 16) * 16)
+    return min(-(-total // step) * step, max(rows * width, total))
 
 
 class Sampler:
@@ -148,13 +206,17 @@ class Sampler:
     shards); ``buckets``: the padded prompt lengths; ``layout``: the cache layout
     (:mod:`scas_jax.models.kv_cache`; default by backend: ``"per_layer"`` on CPU, which
     keeps an unstacked copy of the layer weights for the sampler's lifetime).
-    ``compilations`` counts the compiled loops; ``cache_shapes`` lists the cache shapes
-    allocated (:func:`~scas_jax.models.kv_cache.cache_shape`, both layouts).
+    ``prefill``: ``"packed"`` (the prompts back to back, :func:`prefill_tokens`; the
+    default unless rows are sharded over several devices) or ``"padded"``.
+    ``compilations`` counts the compiled decode loops, ``prefill_compilations`` the
+    compiled prefills (at most 8 per loop when packed, :func:`packed_length`);
+    ``cache_shapes`` lists the cache shapes allocated
+    (:func:`~scas_jax.models.kv_cache.cache_shape`, both layouts).
     """
 
     def __init__(self, params: dict, cfg: ModelConfig, *, mesh=None, dtype: str = "float32",
                  batch_size: int = 16, buckets: Sequence[int] = DEFAULT_BUCKETS, pad_id: int = 0,
-                 layout: str | None = None):
+                 layout: str | None = None, prefill: str | None = None):
         self.layout = layout or default_layout()
         if self.layout not in LAYOUTS:
             raise ScasError(f"unknown cache layout {self.layout!r}; one of {', '.join(LAYOUTS)}")
@@ -166,16 +228,24 @@ class Sampler:
             from scas_jax.parallel import batch_divisor
 
             divisor = batch_divisor(mesh)
+        self.prefill = prefill or ("packed" if divisor == 1 else "padded")
+        if self.prefill not in PREFILLS:
+            raise ScasError(f"unknown prefill {self.prefill!r}; one of {', '.join(PREFILLS)}")
         self.batch_size = -(-max(1, int(batch_size)) // divisor) * divisor
         self.buckets = tuple(sorted(int(b) for b in buckets))
         self.pad_id = int(pad_id)
         self._compiled: dict[tuple, Any] = {}
+        self._compiled_prefill: dict[tuple, Any] = {}
         self._cache: tuple[tuple, dict] | None = None
         self.cache_shapes: list[tuple[int, ...]] = []
 
     @property
     def compilations(self) -> int:
         return len(self._compiled)
+
+    @property
+    def prefill_compilations(self) -> int:
+        return len(self._compiled_prefill)
 
     def _cache_for(self, batch: int, max_len: int) -> dict:
         key = (batch, max_len)
@@ -196,13 +266,25 @@ class Sampler:
         self.cache_shapes.append(cache_shape(self.cfg, batch, max_len))
         return make()
 
-    def _executable(self, args: tuple, max_new_tokens: int, sampling: SamplingConfig):
-        tokens = args[1]
-        key = (tuple(tokens.shape), max_new_tokens, sampling, len(args[4]))
+    def _prefill_executable(self, args: tuple, sampling: SamplingConfig):
+        cache_len = jax.tree.leaves(args[3])[0].shape[-2]
+        key = (tuple(sorted((k, v.shape) for k, v in args[1].items())), cache_len, sampling)
+        if key not in self._compiled_prefill:
+            fn = jax.jit(
+                lambda params, prompt, keys, cache: prefill_tokens(
+                    params, prompt, keys, cache, cfg=self.cfg, sampling=sampling, dtype=self.dtype,
+                    layout=self.layout),
+                donate_argnums=(3,),
+            )
+            self._compiled_prefill[key] = fn.lower(*args).compile()
+        return self._compiled_prefill[key]
+
+    def _decode_executable(self, args: tuple, max_new_tokens: int, sampling: SamplingConfig):
+        key = (tuple(args[2].shape), max_new_tokens, sampling, len(args[4]))
         if key not in self._compiled:
             fn = jax.jit(
-                lambda params, tokens, valid, keys, stop_ids, cache: generate_tokens(
-                    params, tokens, valid, keys, stop_ids, cache, cfg=self.cfg,
+                lambda params, first, valid, keys, stop_ids, cache: decode_tokens(
+                    params, first, valid, keys, stop_ids, cache, cfg=self.cfg,
                     max_new_tokens=max_new_tokens, sampling=sampling, dtype=self.dtype,
                     pad_id=self.pad_id, layout=self.layout),
                 donate_argnums=(5,),
@@ -210,9 +292,14 @@ class Sampler:
             self._compiled[key] = fn.lower(*args).compile()
         return self._compiled[key]
 
-    def _place(self, host: dict[str, np.ndarray]) -> dict:
+    def _place(self, host: dict[str, np.ndarray], rows: bool = True) -> dict:
+        """Host arrays -> device arrays: sharded by row (``rows``) or replicated."""
         if self.mesh is None:
             return {k: jnp.asarray(v) for k, v in host.items()}
+        if not rows:
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            return {k: jax.device_put(v, NamedSharding(self.mesh, P())) for k, v in host.items()}
         from scas_jax.parallel import put_rows
 
         return put_rows(self.mesh, host)
@@ -223,25 +310,35 @@ class Sampler:
         """One compiled call for at most ``batch_size`` prompts (see :meth:`generate`)."""
         if not 0 < len(prompts) <= self.batch_size:
             raise ValueError(f"generate_batch takes 1..{self.batch_size} prompts, got {len(prompts)}")
+        if any(len(p) == 0 for p in prompts):
+            raise ScasError("an empty prompt cannot be generated from")
         longest = max(len(p) for p in prompts)
         width = bucket_for(longest, self.buckets)
         rows = self.batch_size
-        tokens = np.full((rows, width), self.pad_id, np.int32)
-        valid = np.zeros((rows, width), bool)
-        tokens[:, -1] = self.pad_id
-        valid[:, -1] = True  # dummy rows: one token
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ScasError("an empty prompt cannot be generated from")
-            tokens[i, width - len(p):] = np.asarray(p, np.int32)
-            valid[i, width - len(p):] = True
         ids = list(row_ids) + [0] * (rows - len(prompts))
         keys = np.asarray(row_keys(seed, ids))
-        placed = self._place({"tokens": tokens, "valid": valid, "keys": keys})
+        if self.prefill == "packed":  # dummy rows: one pad token
+            total = sum(len(p) for p in prompts) + rows - len(prompts)
+            host = pack_prompts(prompts, width, rows, packed_length(total, rows, width), self.pad_id)
+            valid = host.pop("valid")
+            prompt = self._place(host, rows=False)
+            placed = self._place({"valid": valid, "keys": keys})
+            prompt["valid"] = placed["valid"]
+        else:
+            tokens = np.full((rows, width), self.pad_id, np.int32)
+            valid = np.zeros((rows, width), bool)
+            valid[:, -1] = True  # dummy rows: one pad token
+            for i, p in enumerate(prompts):
+                tokens[i, width - len(p):] = np.asarray(p, np.int32)
+                valid[i, width - len(p):] = True
+            placed = self._place({"tokens": tokens, "valid": valid, "keys": keys})
+            prompt = {"tokens": placed["tokens"], "valid": placed["valid"]}
         stops = jnp.asarray(np.asarray(list(stop_ids) or [-1], np.int32))
         cache = self._cache_for(rows, width + max_new_tokens)
-        args = (self.params, placed["tokens"], placed["valid"], placed["keys"], stops, cache)
-        out, n, stopped, cache = self._executable(args, max_new_tokens, sampling)(*args)
+        args = (self.params, prompt, placed["keys"], cache)
+        first, cache = self._prefill_executable(args, sampling)(*args)
+        args = (self.params, first, prompt["valid"], placed["keys"], stops, cache)
+        out, n, stopped, cache = self._decode_executable(args, max_new_tokens, sampling)(*args)
         self._cache = ((rows, width + max_new_tokens), cache)
         from scas_jax.parallel import to_host
 

@@ -161,14 +161,26 @@ class CachedAttention(nn.Module):
     write_first: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None):
+    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None,
+                 packing=None):
         """``x [batch, T, d_model]``; this layer's caches ``[batch, kv_heads, max_len, head_dim]``.
         Returns (``[batch, T, d_model]``, k, v): the new keys and values ``[batch,
         kv_heads, T, head_dim]`` for the caller to write at ``index`` (the caches are only
         read), or with ``write_first`` the caches with them written at ``index`` (the
-        attention then reads the updated caches)."""
-        c, b, t = self.cfg, x.shape[0], x.shape[1]
+        attention then reads the updated caches).
+
+        ``packing`` (a packed prefill, :func:`pack_prompts`): ``x [1, N, d_model]`` holds
+        every row's prompt back to back; the projections run on the ``N`` packed tokens,
+        the attention on the padded ``[batch, T]`` layout gathered from them
+        (``packing["rows_index"]``), and its output is gathered back
+        (``packing["packed_index"]``): returns ``[1, N, d_model]`` and k, v ``[batch,
+        kv_heads, T, head_dim]`` (T: the padded prompt width)."""
+        c = self.cfg
         q, k, v = project_qkv(c, x, cos, sin, self.dtype, self.param_dtype)
+        if packing is not None:
+            rows = packing["rows_index"]  # [batch, T] -> packed token
+            q, k, v = q[0][rows], k[0][rows], v[0][rows]
+        b, t = q.shape[0], q.shape[1]
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [b, kv_heads, T, head_dim]
         window = c.sliding_window if window is None else window
         if self.write_first:
@@ -180,6 +192,8 @@ class CachedAttention(nn.Module):
             out = cached_attention(q, k, v, k_cache.astype(self.dtype), v_cache.astype(self.dtype), kv_valid,
                                    new_valid, index, window, self.use_cache)
         out = out.reshape(b, t, c.num_heads * c.head_dim)
+        if packing is not None:
+            out = out.reshape(b * t, -1)[packing["packed_index"]][None]  # [1, N, heads * head_dim]
         return _dense(c.hidden_size, c.o_bias, self.dtype, self.param_dtype, "o_proj")(out), k, v
 
 
@@ -193,13 +207,14 @@ class CachedDecoderLayer(nn.Module):
     write_first: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None):
+    def __call__(self, x, cos, sin, k_cache, v_cache, index, kv_valid, new_valid, window=None,
+                 packing=None):
         c = self.cfg
         norm = lambda n: norm_for(c, self.dtype, self.param_dtype, n)  # noqa: E731
         attn = CachedAttention(c, self.dtype, self.param_dtype, self.use_cache, self.write_first,
                                name="self_attn")
         a, k, v = attn(norm("input_layernorm")(x), cos, sin, k_cache, v_cache, index, kv_valid, new_valid,
-                       window)
+                       window, packing)
         mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
         if c.sandwich_norms:  # Gemma 3
             h = x + norm("post_attention_layernorm")(a)
@@ -222,6 +237,7 @@ def decode_with_cache(
     *,
     prefill: bool = False,
     dtype=jnp.float32,
+    packing: dict | None = None,
 ) -> tuple[jax.Array, dict]:
     """Run ``T`` new tokens per row through the stack, reading and writing the cache.
 
@@ -235,6 +251,10 @@ def decode_with_cache(
         tokens (the prefill's left padding).
       prefill: static; True when nothing is cached yet (``index == 0``): the cached
         slots are not read at all.
+      packing: a packed prefill (:func:`pack_prompts`; ``prefill`` and ``index == 0``
+        only): ``tokens``/``positions`` are ``[1, N]``, every row's prompt back to back;
+        ``new_valid`` is the padded ``[batch, T]`` mask; the hidden states come back
+        packed, ``[1, N, d_model]``.
     Returns:
       (final normed hidden states ``[batch, T, d_model]``, the cache with the new
       tokens' keys and values written at slots ``index .. index+T-1`` of every layer).
@@ -252,7 +272,7 @@ def decode_with_cache(
         p, k_cache, v_cache, window, is_local = xs
         cos, sin = rope(is_local)
         h, k, v = layer.apply({"params": p}, h, cos, sin, k_cache, v_cache, index, kv_valid, new_valid,
-                              window)
+                              window, packing)
         return h, (k, v)
 
     xs = (params["layers"], cache["k"], cache["v"], windows, local)
@@ -276,6 +296,7 @@ def decode_per_layer(
     *,
     prefill: bool = False,
     dtype=jnp.float32,
+    packing: dict | None = None,
 ) -> tuple[jax.Array, dict]:
     """:func:`decode_with_cache` for the ``"per_layer"`` layout: ``params`` from
     :func:`unstack_layers`, ``cache`` from ``init_cache(..., layout="per_layer")``; the
@@ -293,7 +314,8 @@ def decode_per_layer(
         local = cfg.per_layer and cfg.layer_types[i] == "sliding"
         window = ((cfg.sliding_window or NO_WINDOW) if local else NO_WINDOW) if cfg.per_layer else None
         cos, sin = rope(local)
-        x, k, v = layer.apply({"params": p}, x, cos, sin, ks[i], vs[i], index, kv_valid, new_valid, window)
+        x, k, v = layer.apply({"params": p}, x, cos, sin, ks[i], vs[i], index, kv_valid, new_valid, window,
+                              packing)
         if prefill:
             k = jax.lax.dynamic_update_slice(ks[i], k.astype(ks[i].dtype), (0, 0, index, 0))
             v = jax.lax.dynamic_update_slice(vs[i], v.astype(vs[i].dtype), (0, 0, index, 0))
@@ -304,12 +326,55 @@ def decode_per_layer(
 
 def next_token_logits(
     params: dict, cfg: ModelConfig, tokens, positions, cache, index, kv_valid, new_valid=None, *,
-    prefill: bool = False, dtype=jnp.float32, layout: str = "stacked",
+    prefill: bool = False, dtype=jnp.float32, layout: str = "stacked", packing: dict | None = None,
 ) -> tuple[jax.Array, dict]:
     """float32 logits ``[batch, vocab]`` of the token after the *last* new token of each
     row, and the updated cache (:func:`decode_with_cache`, or :func:`decode_per_layer`
-    for ``layout="per_layer"``)."""
+    for ``layout="per_layer"``). With ``packing`` (a packed prefill) the last token of
+    row ``b`` is the packed token ``packing["last_index"][b]``."""
     run = decode_per_layer if layout == "per_layer" else decode_with_cache
     hidden, cache = run(params, cfg, tokens, positions, cache, index, kv_valid, new_valid,
-                        prefill=prefill, dtype=dtype)
-    return logits_from_hidden(params, cfg, hidden[:, -1:])[:, 0], cache
+                        prefill=prefill, dtype=dtype, packing=packing)
+    last = hidden[:, -1:] if packing is None else hidden[0][packing["last_index"]][:, None]
+    return logits_from_hidden(params, cfg, last)[:, 0], cache
+
+
+def pack_prompts(prompts, width: int, rows: int, packed_len: int, pad_id: int = 0) -> dict:
+    """Host-side index arrays of a packed prefill (numpy).
+
+    ``prompts``: at most ``rows`` lists of token ids (each 1..``width`` long; rows past
+    them are one ``pad_id`` token), laid out back to back in ``packed_len`` >= their
+    total tokens (the tail is ``pad_id`` at position 0). Row ``b``'s padded layout is
+    left-padded to ``width`` as in the unpacked prefill. Returns int32 ``tokens [N]``,
+    ``positions [N]`` (0.. within the row), ``rows_index [rows, width]`` (the packed
+    token at each padded slot; padding points at the row's first token, masked),
+    ``packed_index [N]`` (the padded slot ``b * width + s`` of each packed token; 0 for
+    the tail), ``last_index [rows]`` (each row's last packed token) and bool ``valid
+    [rows, width]``.
+    """
+    import numpy as np
+
+    lengths = [len(p) for p in prompts] + [1] * (rows - len(prompts))
+    total = sum(lengths)
+    if total > packed_len:
+        raise ValueError(f"{total} prompt tokens do not fit a packed prefill of {packed_len}")
+    tokens = np.full(packed_len, pad_id, np.int32)
+    positions = np.zeros(packed_len, np.int32)
+    rows_index = np.zeros((rows, width), np.int32)
+    packed_index = np.zeros(packed_len, np.int32)
+    last_index = np.zeros(rows, np.int32)
+    valid = np.zeros((rows, width), bool)
+    off = 0
+    for b, n in enumerate(lengths):
+        if b < len(prompts):
+            tokens[off:off + n] = np.asarray(prompts[b], np.int32)
+        start = width - n
+        positions[off:off + n] = np.arange(n)
+        rows_index[b, :] = off
+        rows_index[b, start:] = off + np.arange(n)
+        packed_index[off:off + n] = b * width + start + np.arange(n)
+        last_index[b] = off + n - 1
+        valid[b, start:] = True
+        off += n
+    return {"tokens": tokens, "positions": positions, "rows_index": rows_index,
+            "packed_index": packed_index, "last_index": last_index, "valid": valid}
