@@ -129,6 +129,23 @@ def throughput(args):
     print(json.dumps(res, indent=2))
 
 
+def _machine() -> str:
+    """CPU model, the widest vector ISA it has (and any cap set through XLA_FLAGS), cores."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and ":" in line:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    cap = [f for f in os.environ.get("XLA_FLAGS", "").split() if "max_isa" in f]
+    return f"{model}, {isa}{' (' + cap[0] + ')' if cap else ''}, {os.cpu_count()} cores"
+
+
 def _peak_mb() -> float:
     """This process's peak RSS. VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child
     would report its parent's peak."""
@@ -165,19 +182,44 @@ def _bench_models(root: Path) -> tuple[Path, Path]:
     return conv, hf
 
 
-def memory_child(which: str, tokens: int, root: str):
-    from transformers import AutoTokenizer
+def _rss_mb() -> float:
+    """This process's resident set now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
+
+def memory_child(which: str, tokens: int, root: str):
+    """One path in its own process: tokenize and trim the row, load the student, score.
+
+    Each side reads its tokenizer the way its path does: torch through transformers'
+    ``AutoTokenizer`` from the Hugging Face export, scas_jax through its loader
+    (``load_tokenizer``, what ``load_student`` and ``scas-jax score`` use) from the
+    converted checkpoint; both hold the same ``tokenizer.json``, so the row and its
+    token count are the same (printed as ``tokens``). ``phases`` records (VmRSS, VmHWM)
+    after each step: what the peak is made of."""
     from scas_jax.scoring.scorer import ScoreConfig, prepare, release_host_memory
 
     conv, hf = Path(root) / "smollm2", Path(root) / "smollm2-hf"
-    tok = AutoTokenizer.from_pretrained(str(hf))
+    phases = {"imports": (_rss_mb(), _peak_mb())}
+    if which == "torch":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(hf))
+    else:
+        from scas_jax.loader import load_tokenizer
+
+        tok = load_tokenizer(conv)
+    phases["tokenizer"] = (_rss_mb(), _peak_mb())
     row = long_row(tokens)
     n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
     while n > tokens:  # trim to at most `tokens` tokens in all
         row["teacher_output"] = row["teacher_output"][: int(len(row["teacher_output"]) * tokens / n) - 1]
         n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
     release_host_memory()  # the trimming above is harness work: free it on both sides alike
+    phases["row"] = (_rss_mb(), _peak_mb())
     if which == "torch":
         import torch
         from transformers import AutoModelForCausalLM
@@ -186,22 +228,30 @@ def memory_child(which: str, tokens: int, root: str):
 
         model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
         base = _peak_mb()
+        phases["model"] = (_rss_mb(), base)
         t = time.perf_counter()
         with torch.inference_mode():
             ref.reference_metrics(model, tok, row)
         wall = time.perf_counter() - t
     else:
+        import jax
+
         from scas_jax.loader import load_student
         from scas_jax.scoring.scorer import score_rows
 
-        student = load_student(conv, with_tokenizer=False)  # `tok` above is the tokenizer
+        student = load_student(conv, with_tokenizer=False)  # `tok` above is its tokenizer
+        jax.block_until_ready(student.params)
         base = _peak_mb()
+        phases["model"] = (_rss_mb(), base)
         cfg = ScoreConfig(batch_tokens=tokens, max_length=tokens)
         t = time.perf_counter()
         score_rows(student.params, student.cfg, tok, [row], cfg)
         wall = time.perf_counter() - t
+    phases["scored"] = (_rss_mb(), _peak_mb())
     print(json.dumps({"which": which, "tokens": n, "peak_mb": round(_peak_mb()),
-                      "peak_before_scoring_mb": round(base), "wall_s_incl_compile": round(wall, 1)}))
+                      "peak_before_scoring_mb": round(base), "wall_s_incl_compile": round(wall, 1),
+                      "torch_imported": "torch" in sys.modules,
+                      "phases_rss_hwm_mb": {k: [round(a), round(b)] for k, (a, b) in phases.items()}}))
 
 
 def memory(args):
@@ -212,7 +262,10 @@ def memory(args):
         out = subprocess.run([sys.executable, __file__, "memory-child", which, str(args.tokens), str(root)],
                              capture_output=True, text=True, check=True)
         res.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    res.append({"ratio_peak": res[1]["peak_mb"] / res[0]["peak_mb"],
+    if res[0]["tokens"] != res[1]["tokens"]:
+        raise SystemExit(f"the two children scored different rows: {res[0]['tokens']} vs {res[1]['tokens']} tokens")
+    res.append({"machine": _machine(),
+                "ratio_peak": res[1]["peak_mb"] / res[0]["peak_mb"],
                 "ratio_scoring_increment": (res[1]["peak_mb"] - res[1]["peak_before_scoring_mb"])
                 / max(1, res[0]["peak_mb"] - res[0]["peak_before_scoring_mb"])})
     print(json.dumps(res, indent=2))

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from scas_jax.convert import checkpoint
@@ -64,9 +63,9 @@ def load_student(
         cfg = ModelConfig.from_dict(meta["model_config"])
         stored = meta["param_dtype"]
         abstract = checkpoint.abstract_with_shardings(cfg, checkpoint.np_dtype(stored), mesh)
-        params = checkpoint.restore_params(path / "params", abstract)
-        if dtype and dtype != stored:
-            params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+        # cast leaf by leaf while restoring: never two copies of the whole tree
+        params = checkpoint.restore_params(path / "params", abstract,
+                                           dtype if dtype and dtype != stored else None)
         tok = load_tokenizer(path) if with_tokenizer else None
         hf = checkpoint.read_hf_config_of(path)
         return Student(cfg, params, tok, hf, str(path), dtype or stored)

@@ -92,13 +92,49 @@ def placer(mesh):
     return place
 
 
+# model types for which ``AutoTokenizer`` loads a directory whose tokenizer_config.json
+# names the generic fast tokenizer as exactly that class (checked against AutoTokenizer by
+# tests/test_loader_memory.py). Not qwen2: transformers overrides its hub class.
+_GENERIC_TOKENIZER_MODEL_TYPES = ("llama", "mistral", "qwen3", "gemma3", "gemma3_text")
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _generic_fast_tokenizer(path: Path) -> bool:
+    """Whether ``AutoTokenizer.from_pretrained(path)`` would build the generic fast
+    tokenizer (``transformers.PreTrainedTokenizerFast``) from ``tokenizer.json``: the
+    class the GGUF reader builds and ``convert`` saves. Anything else (another class, a
+    remote-code ``auto_map``, a model type AutoTokenizer remaps) goes through AutoTokenizer."""
+    import json
+
+    try:
+        tok_cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        model_cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(tok_cfg, dict) and isinstance(model_cfg, dict)
+            and (path / "tokenizer.json").is_file()
+            and tok_cfg.get("tokenizer_class") in _GENERIC_TOKENIZER_CLASSES
+            and "auto_map" not in tok_cfg and "auto_map" not in model_cfg
+            and model_cfg.get("model_type") in _GENERIC_TOKENIZER_MODEL_TYPES)
+
+
 def load_tokenizer(path: Path, source=None):
     """The tokenizer saved beside a checkpoint (or read from the GGUF ``source``); None if
-    the directory has no tokenizer files."""
+    the directory has no tokenizer files.
+
+    The generic fast tokenizer (what ``convert`` saves from a GGUF) is loaded by its own
+    class: ``AutoTokenizer`` would build the same object but imports transformers'
+    model-config machinery first (and with it PyTorch when installed: about 250 MB of
+    peak memory for nothing, see docs/benchmarks.md)."""
     if source is not None and source.tokenizer_dir is None:
         return source.load_tokenizer()
-    if not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+    path = Path(path)
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
         return None
+    if _generic_fast_tokenizer(path):
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
