@@ -13,12 +13,23 @@ every question is distinct; 6 teachers answer every question) goes through:
   materialised), for comparison at a size that fits (``--reference``);
 * ``plan``: plan_batches alone on the pool's lengths;
 * ``journal``: a journal of one record per planned batch with the real score fields of
-  every row, written then reloaded (what a resume reads).
+  every row, written then reloaded (what a resume reads);
+* ``tokenizer``: the tokenizer alone on the full texts of the pool's first rows (the
+  ceiling of the first pass): its own batched call, the backend's ``encode_batch_fast``
+  (what the first pass uses, :func:`scas_jax.data.chat.batch_ids`), one text at a time;
+* ``stream_plain``: ``stream`` with the tokenizer's own call instead (before/after);
+* ``score_first`` (``--score``): the real ``scas-jax score`` (``commands.score``) with
+  the bundled SmolLM2 student, stopped by its ``on_batch`` hook after ``--score-batches``
+  batches: validation, identities, model load, the input stage and the first batches;
+* ``score_whole`` (``--score``): the real ``scas-jax score`` from start to end with only
+  the model call replaced by synthetic fields (``scorer.iter_scored_batches``): every
+  batch journaled, every score file and the manifest written; then interrupted halfway
+  and resumed from its journal (the same bytes).
 
 Each phase runs in its own process (ru_maxrss is that process's peak RSS). Prints a
 Markdown table and writes ``--json``.
 
-    python benchmarks/bench_input.py --answers 1000000 [--tfds] [--reference 50000]
+    python benchmarks/bench_input.py --answers 1000000 [--tfds] [--reference 50000] [--score]
 """
 
 from __future__ import annotations
@@ -147,6 +158,163 @@ def phase_stream(directory: Path, args) -> dict:
     return out
 
 
+def phase_stream_plain(directory: Path, args) -> dict:
+    """``stream`` with the tokenizer's own batched call (the first pass before batch_ids)."""
+    from scas_jax.data import chat
+
+    chat.batch_ids = lambda tok, texts: tok(texts)["input_ids"]
+    return phase_stream(directory, args)
+
+
+def phase_tokenizer(directory: Path, args) -> dict:
+    """The tokenizer alone on the full chat texts of the first ``--tokenizer-rows`` rows:
+    answers/s and tokens/s of each way to call it (best of 3), ids checked equal."""
+    from itertools import islice
+
+    from scas_jax.data.chat import ChatEncoder, batch_ids, build_messages
+
+    tok = tokenizer()
+    enc = ChatEncoder(tok)
+    rows = list(islice(rows_of(directory), args.tokenizer_rows))
+    t0 = time.time()
+    texts = [enc._render(build_messages(r), False) for r in rows]
+    render_s = time.time() - t0
+    backend = tok._tokenizer
+    window = 512
+
+    def windows(f):
+        return [ids for i in range(0, len(texts), window) for ids in f(texts[i:i + window])]
+
+    ways = {"call": lambda: windows(lambda xs: tok(xs)["input_ids"]),
+            "batch_ids": lambda: windows(lambda xs: batch_ids(tok, xs)),
+            "encode_batch": lambda: windows(lambda xs: [e.ids for e in backend.encode_batch(xs)]),
+            "one_by_one": lambda: [backend.encode(t).ids for t in texts]}
+    ref = ways["call"]()
+    out = {"rows": len(texts), "tokens": sum(map(len, ref)), "render_rows_per_s": len(texts) / render_s}
+    for name, f in ways.items():
+        best = 0.0
+        for _ in range(3):
+            t0 = time.time()
+            got = f()
+            best = max(best, len(texts) / (time.time() - t0))
+            assert got == ref, name
+        out[f"{name}_rows_per_s"] = best
+    out["tokens_per_row"] = out["tokens"] / len(texts)
+    return out
+
+
+def _rss_probe(marks: dict, name: str, fn):
+    """``fn`` wrapped to record its wall time and the process's peak RSS after it."""
+    def wrapped(*a, **k):
+        t0 = time.time()
+        try:
+            return fn(*a, **k)
+        finally:
+            marks[name] = {"seconds": time.time() - t0, "peak_rss_mb_after": rss_mb()}
+    return wrapped
+
+
+def _score_kw(args) -> dict:
+    return dict(batch_tokens=args.batch_tokens, max_length=args.max_length,
+                max_segments=args.max_segments, dtype="float32", progress=False)
+
+
+class _Stop(Exception):
+    pass
+
+
+def phase_score_first(directory: Path, args) -> dict:
+    """The real score command, SmolLM2 student, stopped after ``--score-batches`` batches."""
+    from scas_jax.data import pool as pool_mod
+    from scas_jax.scoring import commands, scorer
+
+    marks: dict = {}
+    pool_mod.read_pool = _rss_probe(marks, "validate_pool", pool_mod.read_pool)
+    commands._load = _rss_probe(marks, "load_student", commands._load)
+    scorer.prepare_stream = _rss_probe(marks, "input_stage", scorer.prepare_stream)
+    out_dir = directory / "score_first"
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    t0 = time.time()
+    firsts = []
+
+    def stop(done, total):
+        firsts.append(time.time() - t0)
+        if done >= args.score_batches:
+            raise _Stop
+    try:
+        commands.score("smollm2", directory, out_dir, on_batch=stop, **_score_kw(args))
+    except _Stop:
+        pass
+    return {"marks": marks, "batches_done": len(firsts), "seconds_to_batches": firsts,
+            "seconds": time.time() - t0}
+
+
+def phase_score_whole(directory: Path, args) -> dict:
+    """The real score command end to end, the model call replaced by synthetic fields;
+    then the same run interrupted halfway and resumed (same score files)."""
+    import hashlib
+
+    import numpy as np
+
+    from scas_jax.data import pool as pool_mod
+    from scas_jax.scoring import commands, scorer
+    from scas_jax.scoring.fields import fields_from_batch
+
+    rng = np.random.default_rng(0)
+    per = 64
+    stats = {k: rng.uniform(1, 2, (per,)) for k in ("q_nll_sum", "a_nll_sum", "q_sqnorm_sum",
+                                                      "a_sqnorm_sum")}
+    stats.update({k: np.full((per,), 50.0) for k in ("q_nll_count", "a_nll_count", "q_count",
+                                                      "a_count")})
+    stats.update({k: rng.normal(size=(per, 8)) for k in ("q_vec_sum", "a_vec_sum")})
+    fake = fields_from_batch(stats, 0.5)
+
+    def synthetic(params, model_cfg, prepared, cfg, mesh=None, skip=lambda k: False):
+        for k, plan in enumerate(prepared.plans):
+            if not skip(k):
+                yield k, [(i, dict(fake[i % per])) for i in plan.items]
+
+    marks: dict = {}
+    pool_mod.read_pool = _rss_probe(marks, "validate_pool", pool_mod.read_pool)
+    commands._load = _rss_probe(marks, "load_student", commands._load)
+    scorer.prepare_stream = _rss_probe(marks, "input_stage", scorer.prepare_stream)
+    scorer.iter_scored_batches = synthetic
+    commands._write = _rss_probe(marks, "write", commands._write)
+    out_dir = directory / "score_whole"
+    import shutil
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    t0 = time.time()
+    m = commands.score("smollm2", directory, out_dir, **_score_kw(args))
+    wall = time.time() - t0
+    first = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(out_dir.glob("*_scas_scores.jsonl"))}
+    whole_marks = dict(marks)
+    half = m["batches"] // 2
+
+    def stop(done, total):
+        if done >= half:
+            raise _Stop
+    t1 = time.time()
+    try:
+        commands.score("smollm2", directory, out_dir, on_batch=stop, **_score_kw(args))
+    except _Stop:
+        pass
+    t2 = time.time()
+    m2 = commands.score("smollm2", directory, out_dir, **_score_kw(args))
+    again = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(out_dir.glob("*_scas_scores.jsonl"))}
+    assert again == first and m2["resumed_batches"] == half, (m2["resumed_batches"], half)
+    return {"rows": m["rows"], "batches": m["batches"], "seconds": wall, "marks": whole_marks,
+            "manifest_tokenize_time_s": m["tokenize_time_s"],
+            "output_mb": sum(p.stat().st_size for p in out_dir.glob("*.jsonl")) / 1e6,
+            "interrupted_run_seconds": t2 - t1, "resume_seconds": time.time() - t2,
+            "resume_marks": marks, "resumed_batches": m2["resumed_batches"], "same_bytes": True}
+
+
 def phase_reference(directory: Path, args) -> dict:
     from scas_jax.data.pool import read_pool
     from scas_jax.scoring.scorer import prepare
@@ -213,13 +381,24 @@ def phase_journal(directory: Path, args) -> dict:
     size = j.path.stat().st_size
     del j
     rss_before = rss_mb()
-    t1 = time.time()
+    from scas_jax.scoring.commands import FieldColumns
+
+    t1 = time.time()  # as score reloads it: the fields into float64 columns
+    cols = FieldColumns(n)
+    j1 = Journal(out_dir, "bench", n_batches, write=False, sink=cols.put)
+    got_cols = j1.rows_done()
+    t_cols = time.time() - t1
+    rss_cols = rss_mb()
+    del j1, cols
+    t1 = time.time()  # every batch's fields as dicts (Journal without a sink)
     j2 = Journal(out_dir, "bench", n_batches, write=False)
     got = sum(len(v) for v in j2.done.values())
     t_read = time.time() - t1
     j2.path.unlink()
+    assert got == got_cols
     return {"rows": got, "batches": n_batches, "write_seconds": t_write, "reload_seconds": t_read,
-            "bytes": size, "rss_before_reload_mb": rss_before}
+            "bytes": size, "rss_before_reload_mb": rss_before, "reload_columns_seconds": t_cols,
+            "rss_after_columns_reload_mb": rss_cols}
 
 
 def phase_build(directory: Path, args) -> dict:
@@ -234,13 +413,16 @@ def phase_build(directory: Path, args) -> dict:
 
 
 PHASES = {"read": phase_read, "read_tfds": phase_read_tfds, "stream": phase_stream, "reference": phase_reference,
-          "plan": phase_plan, "journal": phase_journal, "build": phase_build}
+          "plan": phase_plan, "journal": phase_journal, "build": phase_build,
+          "tokenizer": phase_tokenizer, "stream_plain": phase_stream_plain,
+          "score_first": phase_score_first, "score_whole": phase_score_whole}
 
 
 def run_phase(name: str, directory: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--phase", name, "--dir", str(directory),
            "--batch-tokens", str(args.batch_tokens), "--max-length", str(args.max_length),
-           "--max-segments", str(args.max_segments), "--journal-batch", str(args.journal_batch)]
+           "--max-segments", str(args.max_segments), "--journal-batch", str(args.journal_batch),
+           "--tokenizer-rows", str(args.tokenizer_rows), "--score-batches", str(args.score_batches)]
     load0 = loadavg()
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     out = json.loads(res.stdout.strip().splitlines()[-1])
@@ -262,6 +444,12 @@ def main() -> int:
     ap.add_argument("--journal-batch", type=int, default=32,
                     help="rows per journal record (a 4096-token batch holds ~30 GSM8K answers)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--tokenizer-rows", type=int, default=20_000)
+    ap.add_argument("--score", action="store_true",
+                    help="also run the real score command (score_first, score_whole)")
+    ap.add_argument("--score-batches", type=int, default=3)
+    ap.add_argument("--only", default=None,
+                    help="comma-separated phases to run on an existing --dir pool (no write)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.phase:  # a child: one phase, one JSON line
@@ -275,6 +463,14 @@ def main() -> int:
     directory = args.dir or Path(tempfile.mkdtemp(prefix="bench_input_"))
     results: dict = {"answers": args.answers, "load_start": loadavg(),
                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+    if args.only:  # phases on the pool an earlier run wrote under --dir
+        for k, name in enumerate(args.only.split(",")):  # a phase may repeat (before/after)
+            results[f"{k}:{name}"] = run_phase(name, directory / "pool", args)
+        results["load_end"] = loadavg()
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=1))
+        return 0
     if args.reference:
         ref_dir = directory / "reference_pool"
         write_pool(ref_dir, args.reference)
@@ -291,6 +487,10 @@ def main() -> int:
     results["stream"] = run_phase("stream", pool, args)
     results["plan"] = run_phase("plan", pool, args)
     results["journal"] = run_phase("journal", pool, args)
+    results["tokenizer"] = run_phase("tokenizer", pool, args)
+    if args.score:
+        results["score_first"] = run_phase("score_first", pool, args)
+        results["score_whole"] = run_phase("score_whole", pool, args)
     results["load_end"] = loadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
