@@ -5,7 +5,8 @@ sequence per forward, a forward hook on the target layer, the full log-softmax o
 the vocabulary and the full T x T similarity matrices.
 
     python benchmarks/bench_score.py throughput [--questions 200]
-    python benchmarks/bench_score.py memory --tokens 8192      # each path in a subprocess
+    python benchmarks/bench_score.py memory --tokens 8192      # each path in a subprocess,
+                                                               # then the scas-jax score command
     python benchmarks/bench_score.py bf16 [--questions 50]
 
 Prints a Markdown table; record it in docs/benchmarks.md with the machine.
@@ -191,6 +192,30 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _encoded_length(row: dict, tok) -> int:
+    """Tokens of ``row`` as the scorer encodes it (the scorer's own encoder, which imports
+    neither jax nor torch, so the torch child carries no JAX runtime)."""
+    from scas_jax.data.chat import ChatEncoder
+
+    e = ChatEncoder(tok).encode_rows([row])[0]
+    if not hasattr(e, "length"):
+        raise SystemExit(f"the long row does not encode: {e}")
+    return e.length
+
+
+def _release_host_memory() -> None:
+    """``gc`` then glibc ``malloc_trim`` (what ``scorer.release_host_memory`` does, without
+    importing jax)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_child(which: str, tokens: int, root: str):
     """One path in its own process: tokenize and trim the row, load the student, score.
 
@@ -200,10 +225,8 @@ def memory_child(which: str, tokens: int, root: str):
     converted checkpoint; both hold the same ``tokenizer.json``, so the row and its
     token count are the same (printed as ``tokens``). ``phases`` records (VmRSS, VmHWM)
     after each step: what the peak is made of."""
-    from scas_jax.scoring.scorer import ScoreConfig, prepare, release_host_memory
-
     conv, hf = Path(root) / "smollm2", Path(root) / "smollm2-hf"
-    phases = {"imports": (_rss_mb(), _peak_mb())}
+    phases = {"start": (_rss_mb(), _peak_mb())}
     if which == "torch":
         from transformers import AutoTokenizer
 
@@ -214,11 +237,11 @@ def memory_child(which: str, tokens: int, root: str):
         tok = load_tokenizer(conv)
     phases["tokenizer"] = (_rss_mb(), _peak_mb())
     row = long_row(tokens)
-    n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
+    n = _encoded_length(row, tok)
     while n > tokens:  # trim to at most `tokens` tokens in all
         row["teacher_output"] = row["teacher_output"][: int(len(row["teacher_output"]) * tokens / n) - 1]
-        n = prepare([row], tok, ScoreConfig(max_length=1 << 20)).encoded[0].length
-    release_host_memory()  # the trimming above is harness work: free it on both sides alike
+        n = _encoded_length(row, tok)
+    _release_host_memory()  # the trimming above is harness work: free it on both sides alike
     phases["row"] = (_rss_mb(), _peak_mb())
     if which == "torch":
         import torch
@@ -237,21 +260,82 @@ def memory_child(which: str, tokens: int, root: str):
         import jax
 
         from scas_jax.loader import load_student
-        from scas_jax.scoring.scorer import score_rows
+        from scas_jax.scoring.scorer import ScoreConfig, score_rows
 
+        pool = Path(root) / f"memory_pool_{tokens}"  # the same row for the `scas-jax score` run
+        pool.mkdir(exist_ok=True)
+        with open(pool / "long.jsonl", "w", encoding="utf-8") as f:
+            f.write(json.dumps({**row, "teacher_name": "long", "teacher_correct": True}) + "\n")
         student = load_student(conv, with_tokenizer=False)  # `tok` above is its tokenizer
         jax.block_until_ready(student.params)
         base = _peak_mb()
         phases["model"] = (_rss_mb(), base)
         cfg = ScoreConfig(batch_tokens=tokens, max_length=tokens)
         t = time.perf_counter()
-        score_rows(student.params, student.cfg, tok, [row], cfg)
+        score = score_rows(student.params, student.cfg, tok, [row], cfg)[0]["scas_score"]
         wall = time.perf_counter() - t
+    if which == "torch":
+        score = None  # the reference's score is not the point here; parity is tested elsewhere
     phases["scored"] = (_rss_mb(), _peak_mb())
-    print(json.dumps({"which": which, "tokens": n, "peak_mb": round(_peak_mb()),
+    print(json.dumps({"which": which, "tokens": n, "peak_mb": round(_peak_mb()), "scas_score": score,
                       "peak_before_scoring_mb": round(base), "wall_s_incl_compile": round(wall, 1),
                       "torch_imported": "torch" in sys.modules,
                       "phases_rss_hwm_mb": {k: [round(a), round(b)] for k, (a, b) in phases.items()}}))
+
+
+def _tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _status_mb(pid: int, key: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def memory_cli(tokens: int, root: Path) -> dict:
+    """Peak RSS of the process tree of the real command, ``scas-jax score``, on the row the
+    jax child scored (its pool file): the command's own VmHWM, polled every 10 ms until it
+    exits (VmHWM is reset by exec, so the launcher does not count), and the largest sum of
+    VmRSS over the tree seen by the polls."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "scas_jax.cli", "score", "--student", str(root / "smollm2"),
+               "--candidate-dir", str(root / f"memory_pool_{tokens}"), "--output-dir", out,
+               "--batch-tokens", str(tokens), "--max-length", str(tokens)]
+        log_path = Path(out) / "command.log"  # a file, not a pipe: nothing can block the command
+        t = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            hwm = tree = 0.0
+            while proc.poll() is None:
+                hwm = max(hwm, _status_mb(proc.pid, "VmHWM"))
+                tree = max(tree, sum(_status_mb(p, "VmRSS") for p in _tree_pids(proc.pid)))
+                time.sleep(0.01)
+        if proc.returncode != 0:
+            raise SystemExit(f"scas-jax score failed ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
+        with open(Path(out) / "long_scas_scores.jsonl", encoding="utf-8") as f:
+            score = json.loads(f.readline())["scas_score"]
+    return {"which": "scas-jax score (CLI)", "peak_mb": round(max(hwm, tree)), "command_vmhwm_mb": round(hwm),
+            "tree_rss_max_sampled_mb": round(tree), "scas_score": score,
+            "wall_s": round(time.perf_counter() - t, 1)}
 
 
 def memory(args):
@@ -264,8 +348,10 @@ def memory(args):
         res.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if res[0]["tokens"] != res[1]["tokens"]:
         raise SystemExit(f"the two children scored different rows: {res[0]['tokens']} vs {res[1]['tokens']} tokens")
+    res.append(memory_cli(args.tokens, root))
     res.append({"machine": _machine(),
                 "ratio_peak": res[1]["peak_mb"] / res[0]["peak_mb"],
+                "ratio_peak_cli": res[2]["peak_mb"] / res[0]["peak_mb"],
                 "ratio_scoring_increment": (res[1]["peak_mb"] - res[1]["peak_before_scoring_mb"])
                 / max(1, res[0]["peak_mb"] - res[0]["peak_before_scoring_mb"])})
     print(json.dumps(res, indent=2))
