@@ -277,8 +277,9 @@ def _refuse_other_dataset_version(req: Request, todo: list, records: dict[str, d
     from scas_jax.scoring.journal import recorded_inputs
 
     datasets = {f.teacher: f for f in todo if f.dataset is not None}
-    if not datasets:
+    if not datasets:  # the same on every process: the same input
         return
+    message = None
     for path, inputs in recorded_inputs(req.output_dir).items():
         changed = [t for t in datasets if t in inputs and inputs[t] != records[t]["input_sha256"]]
         if not changed:
@@ -286,12 +287,16 @@ def _refuse_other_dataset_version(req: Request, todo: list, records: dict[str, d
         version_dir = datasets[changed[0]].dataset.version_dir
         what = "; ".join(f"{t}: source sha256 {records[t]['input_sha256'][:12]}... in the dataset, "
                          f"{str(inputs[t])[:12]}... in the journal" for t in changed)
-        raise ScasError(
+        message = (
             f"dataset {version_dir} was built from another version of the pool than the "
             f"interrupted run journaled in {path} ({what}): not resuming it. To score this "
             f"dataset, delete {path} (or the whole {req.output_dir}) or pass another "
             "--output-dir; to finish the interrupted run, score the pool or dataset it was "
             "started on.")
+        break
+    if _process0_mask([message is not None])[0]:  # process 0's journal decides, everywhere
+        raise ScasError(message or f"process 0 refused to score dataset {req.candidate_dir} "
+                                   f"into {req.output_dir}: see its message")
 
 
 def _say(message: str) -> None:
