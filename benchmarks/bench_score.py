@@ -125,7 +125,7 @@ def throughput(args):
         "speedup": (real / wall_j) / (tokens_t / wall_t), "jax_compile_s": t_comp,
         "matmul_gflops": mm / 1e9, "jax_gflops": fpt * real / wall_j / 1e9,
         "torch_gflops": fpt * tokens_t / wall_t / 1e9, "max_rel_diff": worst,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": _machine(),
     }
     print(json.dumps(res, indent=2))
 
