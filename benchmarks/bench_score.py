@@ -5,6 +5,7 @@ sequence per forward, a forward hook on the target layer, the full log-softmax o
 the vocabulary and the full T x T similarity matrices.
 
     python benchmarks/bench_score.py throughput [--questions 200]
+    python benchmarks/bench_score.py command --questions 50    # whole programs, wall clock
     python benchmarks/bench_score.py memory --tokens 8192      # each path in a subprocess,
                                                                # then the scas-jax score command
     python benchmarks/bench_score.py bf16 [--questions 50]
@@ -389,9 +390,85 @@ def _same_min(rows, a, b):
     return agree / len(best)
 
 
+def _write_pool(questions: int, pool: Path) -> None:
+    """The first ``questions`` lines of every bundled teacher file (the rows of
+    :func:`gsm8k_rows` and the unverified ones, which ``score`` skips as it does)."""
+    from scas_jax.assets import GSM8K_POOL
+
+    pool.mkdir(parents=True, exist_ok=True)
+    for f in sorted(GSM8K_POOL.glob("*.jsonl")):
+        with open(f, encoding="utf-8") as fh:
+            lines = [line for _, line in zip(range(questions), fh)]
+        (pool / f.name).write_text("".join(lines), encoding="utf-8")
+
+
+def torch_all(questions: int, hf: str, out: str) -> None:
+    """The per-row path as a whole program: load the exported student and its tokenizer
+    through transformers, score every verified row of the first ``questions`` questions
+    one sequence at a time, write ``{teacher/id: fields}`` to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import scas_reference as ref
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(hf)
+    res = {}
+    with torch.inference_mode():
+        for r in gsm8k_rows(questions):
+            res[f"{r['teacher_name']}/{r['id']}"] = ref.reference_metrics(model, tok, r)
+    Path(out).write_text(json.dumps(res), encoding="utf-8")
+
+
+def _timed(cmd: list[str], log: Path) -> float:
+    """Wall seconds of one subprocess (its output to ``log``; shown if it fails)."""
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"{cmd[:4]} failed ({rc}):\n{log.read_text()[-3000:]}")
+    return round(time.perf_counter() - t, 1)
+
+
+def command(args):
+    """Whole programs, same rows, one run: ``scas-jax score`` (process start, imports,
+    loading, compile, scoring, writing) against :func:`torch_all` (the same), each a
+    subprocess timed by wall clock; scores compared row by row."""
+    import tempfile
+
+    root = ROOT / "runs" / "bench"
+    conv, hf = _bench_models(root)
+    res = {"machine": _machine(), "questions": args.questions, "load_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        _write_pool(args.questions, tmp / "pool")
+        res["scas_jax_s"] = _timed([sys.executable, "-m", "scas_jax.cli", "score", "--student", str(conv),
+                                    "--candidate-dir", str(tmp / "pool"), "--output-dir",
+                                    str(tmp / "scored"), "--batch-tokens", str(args.batch_tokens),
+                                    "--max-length", str(args.max_length)], tmp / "jax.log")
+        res["torch_s"] = _timed([sys.executable, __file__, "torch-all", str(args.questions), str(hf),
+                                 str(tmp / "torch.json")], tmp / "torch.log")
+        base = json.loads((tmp / "torch.json").read_text(encoding="utf-8"))
+        ours = {}
+        for f in sorted((tmp / "scored").glob("*_scas_scores.jsonl")):
+            for line in f.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                ours[f"{r['teacher_name']}/{r['id']}"] = r
+    if sorted(ours) != sorted(base):
+        raise SystemExit(f"different rows: {len(ours)} scored by scas-jax, {len(base)} by torch")
+    res["rows"] = len(ours)
+    res["max_rel_diff"] = max(abs(ours[k][f] - base[k][f]) / max(abs(base[k][f]), 1e-6)
+                              for k in base for f in ("scas_score", "answer_mean_nll",
+                                                      "answer_question_similarity"))
+    res["speedup"] = round(res["torch_s"] / res["scas_jax_s"], 2)
+    res["load_after"] = os.getloadavg()
+    print(json.dumps(res, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["throughput", "memory", "memory-child", "bf16"])
+    ap.add_argument("mode", choices=["throughput", "command", "torch-all", "memory", "memory-child", "bf16"])
     ap.add_argument("rest", nargs="*")
     ap.add_argument("--questions", type=int, default=200)
     ap.add_argument("--torch-rows", type=int, default=None)
@@ -401,6 +478,10 @@ def main():
     args = ap.parse_args()
     if args.mode == "throughput":
         throughput(args)
+    elif args.mode == "command":
+        command(args)
+    elif args.mode == "torch-all":
+        torch_all(int(args.rest[0]), args.rest[1], args.rest[2])
     elif args.mode == "memory":
         memory(args)
     elif args.mode == "memory-child":
