@@ -52,18 +52,25 @@ def read_header(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) and "fingerprint" in obj else None
 
 
+def _headers(output_dir: Path):
+    """``(path, header)`` of every journal file in ``output_dir``, sorted; ``header`` is
+    None when the file has no readable header of this journal version."""
+    folder = Path(output_dir) / JOURNAL_DIR
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        header = read_header(path)
+        yield path, (header if header is not None and header.get("journal") == JOURNAL_VERSION else None)
+
+
 def stale_reasons(output_dir: Path, fp: str, parts: dict[str, Any]) -> dict[Path, str]:
     """``{journal path: why it is not resumed}`` for every journal in ``output_dir`` other
     than ``fp``'s: the parts that differ (``"inputs.a changed; lambda_scas 0.3 -> 0.5"``)."""
     from scas_jax.scoring.identity import differences
 
     out = {}
-    folder = Path(output_dir) / JOURNAL_DIR
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+    for path, header in _headers(output_dir):
         if path.stem == fp:
             continue
-        header = read_header(path)
-        if header is None or header.get("journal") != JOURNAL_VERSION:
+        if header is None:
             out[path] = "written by another version of scas_jax"
         else:
             out[path] = "; ".join(differences(header.get("parts") or {}, parts)) or "other settings"
@@ -74,12 +81,8 @@ def recorded_inputs(output_dir: Path) -> dict[Path, dict[str, str]]:
     """``{journal path: {teacher: input sha256}}`` as recorded in the header of every
     journal of this version in ``output_dir`` (unreadable ones left out)."""
     out = {}
-    folder = Path(output_dir) / JOURNAL_DIR
-    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
-        header = read_header(path)
-        if header is None or header.get("journal") != JOURNAL_VERSION:
-            continue
-        inputs = (header.get("parts") or {}).get("inputs")
+    for path, header in _headers(output_dir):
+        inputs = None if header is None else (header.get("parts") or {}).get("inputs")
         if isinstance(inputs, dict):
             out[path] = {str(k): v for k, v in inputs.items()}
     return out
