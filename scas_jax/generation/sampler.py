@@ -83,6 +83,14 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     raise ScasError(f"a prompt of {length} tokens exceeds the largest prompt bucket ({max(buckets)})")
 
 
+def cache_valid(valid: jax.Array, cache: dict, layout: str) -> jax.Array:
+    """bool ``[batch, max_len]``: the prompts' padding mask ``valid [batch, P]`` followed
+    by True on every slot after the prompts (the generated tokens')."""
+    max_len = cache["k"][0].shape[2] if layout == "per_layer" else cache["k"].shape[3]
+    b, p = valid.shape
+    return jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
+
+
 def prefill_tokens(
     params: dict,
     prompt: dict,
@@ -112,9 +120,7 @@ def prefill_tokens(
       ``0 .. P-1``).
     """
     valid = prompt["valid"]
-    b, p = valid.shape
-    max_len = cache["k"][0].shape[2] if layout == "per_layer" else cache["k"].shape[3]
-    kv_valid = jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
+    kv_valid = cache_valid(valid, cache, layout)
     if "rows_index" in prompt:
         packing = {k: prompt[k] for k in ("rows_index", "packed_index", "last_index")}
         tokens, positions = prompt["tokens"][None], prompt["positions"][None]
@@ -154,8 +160,7 @@ def decode_tokens(
       the cache).
     """
     b, p = valid.shape
-    max_len = cache["k"][0].shape[2] if layout == "per_layer" else cache["k"].shape[3]
-    kv_valid = jnp.concatenate([valid, jnp.ones((b, max_len - p), bool)], axis=1)
+    kv_valid = cache_valid(valid, cache, layout)
     prompt_len = valid.astype(jnp.int32).sum(axis=1)
     is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=1)  # noqa: E731
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
