@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from scas_jax import distributed
+from scas_jax import distributed, host_memory
 from scas_jax.errors import ScasError
 
 COMMAND_MODULES = (
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in JAX_COMMANDS:
+        host_memory.limit_arenas()  # before JAX starts its threads
     try:
         if args.command in JAX_COMMANDS:
             distributed.initialize_from_args(args)

@@ -28,7 +28,7 @@ from scas_jax.data.chat import Encoded
 from scas_jax.errors import ScasError
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import decode
-from scas_jax.models.loss import next_token_nll
+from scas_jax.models.loss import VOCAB_CHUNK, next_token_nll
 
 DEFAULT_TARGET = "layers.-1.mlp.up_proj"
 
@@ -67,7 +67,7 @@ def select_param(tree: dict, name: str, num_layers: int) -> jax.Array:
 
 
 def answer_loss(params: dict, batch: dict, *, cfg: ModelConfig, dtype=jnp.float32,
-                attn_impl: str = "xla", vocab_chunk: int = 256) -> jax.Array:
+                attn_impl: str = "xla", vocab_chunk: int = VOCAB_CHUNK) -> jax.Array:
     """Mean token NLL over ``nll_answer_mask`` (0 when empty): a scalar.
 
     ``batch``: ``tokens``, ``positions``, ``segment_ids``, ``nll_answer_mask``, each
@@ -86,7 +86,7 @@ def _sq_norm(tree) -> jax.Array:
 
 
 def grad_cost(params: dict, batch: dict, *, cfg: ModelConfig, target: str = DEFAULT_TARGET,
-              dtype=jnp.float32, attn_impl: str = "xla", vocab_chunk: int = 256) -> dict[str, jax.Array]:
+              dtype=jnp.float32, attn_impl: str = "xla", vocab_chunk: int = VOCAB_CHUNK) -> dict[str, jax.Array]:
     """``{"loss", "target", "all"}`` scalars for the answer(s) of ``batch`` (see module
     docstring); pure, so it composes under ``jit`` and ``vmap``."""
     loss_fn = functools.partial(answer_loss, cfg=cfg, dtype=dtype, attn_impl=attn_impl,
@@ -123,7 +123,7 @@ def _compiled(cfg: ModelConfig, target: str, dtype: str, attn_impl: str, vocab_c
 
 def grad_costs(params: dict, cfg: ModelConfig, encoded: Iterable[Encoded], *,
                target: str = DEFAULT_TARGET, pad_to: int = 64, dtype: str = "float32",
-               attn_impl: str = "xla", vocab_chunk: int = 256) -> list[dict[str, float]]:
+               attn_impl: str = "xla", vocab_chunk: int = VOCAB_CHUNK) -> list[dict[str, float]]:
     """:func:`grad_cost` of every encoded row, one at a time (one compilation per
     padded length); ``[{"loss", "target", "all"}]`` as Python floats."""
     fn = _compiled(cfg, target, dtype, attn_impl, vocab_chunk)

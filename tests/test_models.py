@@ -206,3 +206,53 @@ def test_swiglu_custom_vjp_equals_autodiff():
     for a, b in zip(jax.grad(plain, (0, 1, 2, 3))(x, wg, wu, wd),
                     jax.grad(custom, (0, 1, 2, 3))(x, wg, wu, wd)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_forward_in_token_chunks_equals_one_piece(monkeypatch):
+    """Forward only, more than MLP_TOKEN_CHUNK tokens run in chunks (the last one padded):
+    the same rows as one product."""
+    import flax.linen as nn
+
+    from scas_jax.models import layers
+
+    monkeypatch.setattr(layers, "MLP_TOKEN_CHUNK", 4)
+    rng = np.random.default_rng(8)
+    x, wg, wu, wd = (jnp.asarray(0.3 * rng.normal(size=s), jnp.float32)
+                     for s in ((2, 5, 8), (8, 12), (8, 12), (12, 8)))
+    y, up = layers.swiglu(x, wg, wu, wd)  # 10 tokens: chunks of 4, 4 and 2 (+2 padding)
+    want_up = x @ wu
+    np.testing.assert_allclose(np.asarray(up), np.asarray(want_up), atol=1e-6, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), np.asarray((nn.silu(x @ wg) * want_up) @ wd),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["llama_rope_scaling_untied", "qwen3_qknorm_tied", "gemma3_local_global"])
+@pytest.mark.parametrize("layer", [1, -1])
+def test_tap_fn_reduces_the_tap_inside_its_layer(loaded, monkeypatch, name, layer):
+    """``decode(..., tap_fn=)`` (each layer under a cond, the MLP in token chunks): the
+    reduced taps equal the same reduction of the returned taps and the hidden states are
+    those of the plain pass (another compiled program: equal to float32 rounding)."""
+    from scas_jax.models import decoder, layers
+
+    monkeypatch.setattr(layers, "MLP_TOKEN_CHUNK", 8)  # 48 tokens: 6 MLP chunks
+    _, st = loaded[name]
+    b, t = 2, 24
+    ids = np.random.default_rng(4).integers(0, hf_tiny.VOCAB, size=(b, t))
+    pos = np.tile(np.arange(t), (b, 1))
+    seg = np.ones((b, t), np.int32)
+    w = jnp.asarray(np.random.default_rng(5).normal(size=(t,)), jnp.float32)
+    taps = (f"layers.{layer}.mlp.up_proj", f"layers.{layer}.residual")
+
+    def reduce(a):  # [b, t, width] -> per-row sums
+        return {"sum": a.sum(1), "weighted": jnp.einsum("btd,t->bd", a, w)}
+
+    hidden, full = jax.jit(lambda p: decoder.decode(p, st.cfg, ids, pos, seg, taps))(st.params)
+    got_h, got = jax.jit(lambda p: decoder.decode(p, st.cfg, ids, pos, seg, taps,
+                                                  tap_fn=lambda n, a: reduce(a)))(st.params)
+    np.testing.assert_allclose(np.asarray(got_h), np.asarray(hidden), atol=1e-5, rtol=1e-5)
+    for name_ in taps:
+        want = jax.jit(reduce)(full[name_])
+        scale = max(1.0, float(np.abs(np.asarray(full[name_])).max()))  # Gemma's residuals are large
+        for k in ("sum", "weighted"):
+            np.testing.assert_allclose(np.asarray(got[name_][k]), np.asarray(want[k]),
+                                       atol=1e-5 * scale, rtol=1e-5)

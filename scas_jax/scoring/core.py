@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import decode
-from scas_jax.models.loss import next_token_nll
+from scas_jax.models.loss import VOCAB_CHUNK, next_token_nll
 
 DEFAULT_TAP = "layers.-1.mlp.up_proj"
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "question_mask", "answer_mask",
@@ -44,7 +44,7 @@ def token_outputs(
     tap: str = DEFAULT_TAP,
     dtype=jnp.float32,
     attn_impl: str = "auto",
-    vocab_chunk: int = 256,
+    vocab_chunk: int = VOCAB_CHUNK,
 ) -> tuple[jax.Array, jax.Array]:
     """One forward pass: per-token NLL and the L2-normalised tap rows.
 
@@ -79,23 +79,41 @@ def segment_stats(nll: jax.Array, act: jax.Array, batch: dict, *, max_segments: 
       :data:`scas_jax.scoring.fields.STAT_NAMES`: ``[batch, max_segments]`` scalars and
       ``[batch, max_segments, d]`` vector sums.
     """
+    return {**nll_stats(nll, batch, max_segments=max_segments),
+            **tap_stats(act, batch, max_segments=max_segments)}
+
+
+def _per_seg(onehot: jax.Array, mask: jax.Array, values: jax.Array) -> jax.Array:
+    """``[B,T,S] x [B,T] x [B,T] -> [B,S]``: sums of ``values`` where ``mask``, per segment."""
+    return jnp.einsum("bts,bt->bs", onehot, jnp.where(mask.astype(bool), values, 0.0))
+
+
+_SIDES = (("q", "question_mask", "nll_question_mask"), ("a", "answer_mask", "nll_answer_mask"))
+
+
+def nll_stats(nll: jax.Array, batch: dict, *, max_segments: int) -> dict[str, jax.Array]:
+    """The NLL sums and the counts of :func:`segment_stats` (``[batch, max_segments]``)."""
+    onehot = segment_onehot(batch["segment_ids"], max_segments)  # [B,T,S]
+    ones = jnp.ones_like(nll)
+    out = {}
+    for side, m, nm in _SIDES:
+        out[f"{side}_nll_sum"] = _per_seg(onehot, batch[nm], nll)
+        out[f"{side}_nll_count"] = _per_seg(onehot, batch[nm], ones)
+        out[f"{side}_count"] = _per_seg(onehot, batch[m], ones)
+    return out
+
+
+def tap_stats(act: jax.Array, batch: dict, *, max_segments: int) -> dict[str, jax.Array]:
+    """The similarity sums of :func:`segment_stats` from unit tap rows ``act [B, T, d]``:
+    ``{q,a}_sqnorm_sum [B, S]`` and ``{q,a}_vec_sum [B, S, d]``."""
     sq = jnp.sum(act * act, axis=-1)  # [B, T]
     onehot = segment_onehot(batch["segment_ids"], max_segments)  # [B,T,S]
-
-    def per_seg(mask, values):  # [B,T] x [B,T] -> [B,S]
-        return jnp.einsum("bts,bt->bs", onehot, jnp.where(mask, values, 0.0))
-
     out = {}
-    for side, m, nm in (("q", batch["question_mask"], batch["nll_question_mask"]),
-                        ("a", batch["answer_mask"], batch["nll_answer_mask"])):
-        m = m.astype(bool)
-        nm = nm.astype(bool)
-        out[f"{side}_nll_sum"] = per_seg(nm, nll)
-        out[f"{side}_nll_count"] = per_seg(nm, jnp.ones_like(nll))
-        out[f"{side}_count"] = per_seg(m, jnp.ones_like(nll))
-        out[f"{side}_sqnorm_sum"] = per_seg(m, sq)
+    for side, m, _ in _SIDES:
+        mask = batch[m].astype(bool)
+        out[f"{side}_sqnorm_sum"] = _per_seg(onehot, mask, sq)
         out[f"{side}_vec_sum"] = jnp.einsum(
-            "bts,btd->bsd", onehot * m[..., None], act, precision=jax.lax.Precision.HIGHEST)
+            "bts,btd->bsd", onehot * mask[..., None], act, precision=jax.lax.Precision.HIGHEST)
     return out
 
 
@@ -108,10 +126,11 @@ def sequence_stats(
     tap: str = DEFAULT_TAP,
     dtype=jnp.float32,
     attn_impl: str = "auto",
-    vocab_chunk: int = 256,
+    vocab_chunk: int = VOCAB_CHUNK,
 ) -> dict[str, jax.Array]:
-    """Sufficient statistics of every packed sequence: :func:`token_outputs` then
-    :func:`segment_stats`.
+    """Sufficient statistics of every packed sequence: :func:`segment_stats` of
+    :func:`token_outputs`, with the tap reduced inside its layer (``decode``'s
+    ``tap_fn``): the unit tap rows ``[batch, seq, d_tap]`` are never carried or returned.
 
     Args:
       batch: ``BATCH_KEYS`` arrays, each ``[batch, seq]``. Masks are booleans; segment
@@ -120,14 +139,17 @@ def sequence_stats(
     Returns:
       The statistics above; segment ``s`` of row ``b`` is at ``[b, s - 1]``.
     """
-    nll, act = token_outputs(params, batch, cfg=cfg, tap=tap, dtype=dtype,
-                             attn_impl=attn_impl, vocab_chunk=vocab_chunk)
-    return segment_stats(nll, act, batch, max_segments=max_segments)
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    hidden, reduced = decode(
+        params, cfg, tokens, batch["positions"], seg, (tap,), dtype=dtype, attn_impl=attn_impl,
+        tap_fn=lambda _, a: tap_stats(l2_normalise(a), batch, max_segments=max_segments))
+    nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk)  # [B, T] f32
+    return {**nll_stats(nll, batch, max_segments=max_segments), **reduced[tap]}
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_stats(cfg: ModelConfig, max_segments: int, tap: str = DEFAULT_TAP,
-                   dtype: str = "float32", attn_impl: str = "auto", vocab_chunk: int = 256):
+                   dtype: str = "float32", attn_impl: str = "auto", vocab_chunk: int = VOCAB_CHUNK):
     """One jitted ``(params, batch) -> stats`` per static configuration (shared by all
     callers, so the scorer, the training loop and the tests reuse compilations)."""
     fn = functools.partial(sequence_stats, cfg=cfg, max_segments=max_segments, tap=tap,

@@ -23,6 +23,8 @@ import numpy as np
 
 from scas_jax.data.chat import ChatEncoder, Encoded, RowError
 from scas_jax.data.packing import BatchPlan, materialise, padding_stats, plan_batches
+from scas_jax.host_memory import release as release_host_memory
+from scas_jax.models.loss import VOCAB_CHUNK
 from scas_jax.models.precision import matmul_precision
 from scas_jax.scoring.core import DEFAULT_TAP, compiled_stats
 from scas_jax.scoring.fields import check_lambda, error_fields, fields_from_batch
@@ -45,7 +47,7 @@ class ScoreConfig:
     max_segments: int = 16
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU (resolved on construction)
     attn_impl: str = "auto"
-    vocab_chunk: int = 256
+    vocab_chunk: int = VOCAB_CHUNK
 
     def __post_init__(self) -> None:
         from scas_jax.models.precision import resolve_dtype
@@ -406,18 +408,6 @@ def executable(fn, params, batch):
 def compilations(fn) -> int:
     """How many signatures of the jitted ``fn`` the scorer has compiled."""
     return sum(1 for key in _EXECUTABLES if key[0] is fn)
-
-
-def release_host_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def device_summary() -> str:
