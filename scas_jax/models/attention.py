@@ -81,12 +81,16 @@ def _first_blocks(segment_ids, n, block, sliding_window):
     """``[n]``: the first key block any query of block ``i`` may see (over the batch).
 
     Key blocks before the earliest segment start of a query block (packed rows), or
-    before its sliding window, are fully masked and skipped.
+    before its sliding window, are fully masked and skipped. A padding position (segment
+    id 0 or -1) counts as a segment of its own: nothing reads what padding attends to,
+    so a block of padding visits only its diagonal tile (a row's padded tail otherwise
+    attends back over the whole tail: a quarter of a half-empty batch's time).
     """
     b = segment_ids.shape[0]
     idx = jnp.arange(n * block)
     boundary = jnp.concatenate(
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    boundary |= segment_ids <= 0
     seg_start = jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
     first = seg_start.reshape(b, n, block).min(axis=(0, 2)) // block
     if sliding_window is not None:
