@@ -43,7 +43,7 @@ from scas_jax.data.chat import ChatEncoder, Encoded
 from scas_jax.data.packing import BatchPlan, materialise, plan_batches
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import decode
-from scas_jax.models.loss import VOCAB_CHUNK, next_token_nll
+from scas_jax.models.loss import LOGIT_POSITIONS, VOCAB_TILE, next_token_nll
 from scas_jax.scoring.core import (
     BATCH_KEYS,
     DEFAULT_TAP,
@@ -72,13 +72,13 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def token_nll(params: dict, batch: dict, *, cfg: ModelConfig, dtype=jnp.float32,
-              attn_impl: str = "auto", vocab_chunk: int = VOCAB_CHUNK) -> jax.Array:
+              attn_impl: str = "auto", vocab_chunk: int = LOGIT_POSITIONS) -> jax.Array:
     """Per-token NLL ``[B, T]`` float32 (no tap kept): ``nll[b, p] = -log p(tokens[b, p] |
     tokens[b, :p])`` for ``p >= 1``, 0 at ``p = 0``. The first token of every packed
     sequence gets a meaningless value: use it under the ``nll_*_mask`` only."""
     hidden, _ = decode(params, cfg, batch["tokens"], batch["positions"], batch["segment_ids"],
                        dtype=dtype, attn_impl=attn_impl)
-    return next_token_nll(params, cfg, hidden, batch["tokens"], vocab_chunk)
+    return next_token_nll(params, cfg, hidden, batch["tokens"], vocab_chunk, VOCAB_TILE)
 
 
 def taps(params: dict, batch: dict, names: Sequence[str] = (DEFAULT_TAP,), *, cfg: ModelConfig,
@@ -158,7 +158,7 @@ def token_costs(unit: jax.Array, stats: dict, batch: dict, lambda_scas: Any = 0.
 
 def scas_token_costs(params: dict, batch: dict, *, cfg: ModelConfig, max_segments: int,
                      tap: str = DEFAULT_TAP, lambda_scas: Any = 0.5, dtype=jnp.float32,
-                     attn_impl: str = "auto", vocab_chunk: int = VOCAB_CHUNK) -> dict[str, Any]:
+                     attn_impl: str = "auto", vocab_chunk: int = LOGIT_POSITIONS) -> dict[str, Any]:
     """One forward pass -> ``{"nll": [B, T], "cost": [B, T], "stats": {...},
     "fields": {...}}`` (fields ``[B, S]`` in float32)."""
     nll, unit = token_outputs(params, batch, cfg=cfg, tap=tap, dtype=dtype, attn_impl=attn_impl,

@@ -256,3 +256,22 @@ def test_tap_fn_reduces_the_tap_inside_its_layer(loaded, monkeypatch, name, laye
         for k in ("sum", "weighted"):
             np.testing.assert_allclose(np.asarray(got[name_][k]), np.asarray(want[k]),
                                        atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama_rope_scaling_untied", "qwen3_qknorm_tied", "gemma3_local_global"])
+@pytest.mark.parametrize("tile", [32, 40, 96])
+def test_vocab_tiles_give_the_whole_log_softmax(loaded, name, tile):
+    """The forward log-softmax over vocabulary tiles with a running logsumexp (tiles of 32
+    dividing the 96 entries, of 40 with the last one overlapping, one whole tile), positions
+    flattened across rows in chunks, equals the one-piece log-softmax; tied and untied
+    heads, Gemma's soft cap."""
+    from scas_jax.models.loss import next_token_nll
+
+    _, st = loaded[name]
+    rng = np.random.default_rng(6)
+    hidden = jnp.asarray(rng.normal(size=(3, 17, st.cfg.hidden_size)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, hf_tiny.VOCAB, size=(3, 17)), jnp.int32)
+    whole = next_token_nll(st.params, st.cfg, hidden, tokens, 5)
+    tiled = next_token_nll(st.params, st.cfg, hidden, tokens, 7, tile)
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(whole), atol=1e-5, rtol=1e-6)
+    assert float(jnp.abs(whole[:, 1:]).min()) > 0  # real values, not the padding's zeros

@@ -8,6 +8,8 @@ instead of storing them, so training memory is bounded the same way.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -15,18 +17,29 @@ from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import lm_head, softcap
 
 # Positions of a row per log-softmax chunk (a chunk's logits: ``[batch, chunk, vocab]``
-# float32). 128 against 256: the same values bit for bit, one ``[chunk, 49,152]`` buffer
-# of 25 instead of 50 MB on a one-row SmolLM2 pass, and no slower (docs/benchmarks.md).
+# float32; training and the gradient check). 128 against 256: the same values bit for
+# bit, half the buffer, no slower (docs/benchmarks.md).
 VOCAB_CHUNK = 128
+# Forward passes (scoring): positions of the whole batch per chunk, and the vocabulary
+# in tiles of VOCAB_TILE with a running logsumexp, so a tile's logits ``[512, 4096]``
+# (8 MiB) stay in cache: SmolLM2's log-softmax over 4 x 1,024 positions 0.95 -> 0.61 s,
+# over 1 x 8,192 1.41 -> 1.09 s on the build machine (docs/benchmarks.md).
+LOGIT_POSITIONS = 512
+VOCAB_TILE = 4096
 
 
 def target_logprobs(
-    params: dict, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, chunk: int = VOCAB_CHUNK
+    params: dict, cfg: ModelConfig, hidden: jax.Array, targets: jax.Array, chunk: int = VOCAB_CHUNK,
+    vocab_tile: int | None = None,
 ) -> jax.Array:
     """``log softmax(hidden[b, t] @ W)[targets[b, t]]`` as float32 ``[batch, seq]``.
 
     ``hidden [batch, seq, d_model]`` is the final normed hidden state at the position
-    that *predicts* ``targets [batch, seq]`` (shift before calling).
+    that *predicts* ``targets [batch, seq]`` (shift before calling). ``chunk`` positions
+    of each row at a time; with ``vocab_tile``, each chunk's logits are formed
+    ``vocab_tile`` columns at a time under a running max and sum (the logsumexp of the
+    tiles, equal to the one-piece value to float32 rounding), so no ``[chunk, vocab]``
+    buffer is made.
     """
     b, t, d = hidden.shape
     w, spec = lm_head(params, cfg, hidden.dtype)
@@ -36,24 +49,64 @@ def target_logprobs(
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
     y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk)
 
-    @jax.checkpoint
-    def one(hc, yc):
+    def whole(hc, yc):
         logits = softcap(cfg, jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
         return tgt - lse
 
+    one = jax.checkpoint(whole if vocab_tile is None
+                         else functools.partial(_tiled_logprobs, cfg, w, spec, vocab_tile))
     out = jax.lax.map(lambda xs: one(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)))
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :t]
 
 
+def _tiled_logprobs(cfg: ModelConfig, w: jax.Array, spec: str, tile: int, hc: jax.Array,
+                    yc: jax.Array) -> jax.Array:
+    """``hc [batch, c, d]``, ``yc [batch, c]`` -> target log-probabilities ``[batch, c]``,
+    the head ``w`` (``spec``'s layout) read ``tile`` vocabulary entries at a time (the
+    last tile ends at the vocabulary's end; its columns already seen are masked)."""
+    axis = spec.split("->")[0].split(",")[1].index("v")
+    vocab = w.shape[axis]
+    tile = min(tile, vocab)
+    k = -(-vocab // tile)
+
+    def step(carry, j):
+        m, s, tgt = carry
+        start = jnp.minimum(j * tile, vocab - tile)
+        wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
+        logits = softcap(cfg, jnp.einsum(spec, hc, wk, preferred_element_type=jnp.float32))
+        logits = jnp.where(start + jnp.arange(tile) >= j * tile, logits, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
+        idx = yc - start
+        got = jnp.take_along_axis(logits, jnp.clip(idx, 0, tile - 1)[..., None], axis=-1)[..., 0]
+        tgt = jnp.where((yc >= j * tile) & (idx < tile), got, tgt)
+        return (m_new, s, tgt), None
+
+    init = (jnp.full(yc.shape, -jnp.inf, jnp.float32), jnp.zeros(yc.shape, jnp.float32),
+            jnp.zeros(yc.shape, jnp.float32))
+    (m, s, tgt), _ = jax.lax.scan(step, init, jnp.arange(k))
+    return tgt - (m + jnp.log(s))
+
+
 def next_token_nll(
-    params: dict, cfg: ModelConfig, hidden: jax.Array, tokens: jax.Array, chunk: int = VOCAB_CHUNK
+    params: dict, cfg: ModelConfig, hidden: jax.Array, tokens: jax.Array, chunk: int = VOCAB_CHUNK,
+    vocab_tile: int | None = None,
 ) -> jax.Array:
     """``nll[b, p] = -log p(tokens[b, p] | tokens[b, :p])`` for ``p >= 1``; ``nll[:, 0] = 0``.
 
     Packed rows: a position whose predecessor belongs to another sequence gets a
-    meaningless value, so callers mask it (the first token of every sequence).
+    meaningless value, so callers mask it (the first token of every sequence). With
+    ``vocab_tile`` (forward passes: :data:`LOGIT_POSITIONS`, :data:`VOCAB_TILE`) the
+    batch's positions are taken ``chunk`` at a time across rows and the vocabulary in
+    tiles (:func:`target_logprobs`); each position's value depends on neither.
     """
-    lp = target_logprobs(params, cfg, hidden[:, :-1], tokens[:, 1:], chunk)
+    b, t, d = hidden.shape
+    if vocab_tile is None:
+        lp = target_logprobs(params, cfg, hidden[:, :-1], tokens[:, 1:], chunk)
+    else:
+        flat = target_logprobs(params, cfg, hidden[:, :-1].reshape(1, b * (t - 1), d),
+                               tokens[:, 1:].reshape(1, b * (t - 1)), chunk, vocab_tile)
+        lp = flat.reshape(b, t - 1)
     return jnp.pad(-lp, ((0, 0), (1, 0)))

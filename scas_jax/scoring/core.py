@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import decode
-from scas_jax.models.loss import VOCAB_CHUNK, next_token_nll
+from scas_jax.models.loss import LOGIT_POSITIONS, VOCAB_TILE, next_token_nll
 
 DEFAULT_TAP = "layers.-1.mlp.up_proj"
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "question_mask", "answer_mask",
@@ -44,7 +44,7 @@ def token_outputs(
     tap: str = DEFAULT_TAP,
     dtype=jnp.float32,
     attn_impl: str = "auto",
-    vocab_chunk: int = VOCAB_CHUNK,
+    vocab_chunk: int = LOGIT_POSITIONS,
 ) -> tuple[jax.Array, jax.Array]:
     """One forward pass: per-token NLL and the L2-normalised tap rows.
 
@@ -59,7 +59,7 @@ def token_outputs(
     tokens, seg = batch["tokens"], batch["segment_ids"]
     hidden, taps = decode(params, cfg, tokens, batch["positions"], seg, (tap,),
                           dtype=dtype, attn_impl=attn_impl)
-    nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk)  # [B, T] f32
+    nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk, VOCAB_TILE)  # [B, T] f32
     return nll, l2_normalise(taps[tap])
 
 
@@ -126,7 +126,7 @@ def sequence_stats(
     tap: str = DEFAULT_TAP,
     dtype=jnp.float32,
     attn_impl: str = "auto",
-    vocab_chunk: int = VOCAB_CHUNK,
+    vocab_chunk: int = LOGIT_POSITIONS,
 ) -> dict[str, jax.Array]:
     """Sufficient statistics of every packed sequence: :func:`segment_stats` of
     :func:`token_outputs`, with the tap reduced inside its layer (``decode``'s
@@ -143,13 +143,13 @@ def sequence_stats(
     hidden, reduced = decode(
         params, cfg, tokens, batch["positions"], seg, (tap,), dtype=dtype, attn_impl=attn_impl,
         tap_fn=lambda _, a: tap_stats(l2_normalise(a), batch, max_segments=max_segments))
-    nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk)  # [B, T] f32
+    nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk, VOCAB_TILE)  # [B, T] f32
     return {**nll_stats(nll, batch, max_segments=max_segments), **reduced[tap]}
 
 
 @functools.lru_cache(maxsize=None)
 def compiled_stats(cfg: ModelConfig, max_segments: int, tap: str = DEFAULT_TAP,
-                   dtype: str = "float32", attn_impl: str = "auto", vocab_chunk: int = VOCAB_CHUNK):
+                   dtype: str = "float32", attn_impl: str = "auto", vocab_chunk: int = LOGIT_POSITIONS):
     """One jitted ``(params, batch) -> stats`` per static configuration (shared by all
     callers, so the scorer, the training loop and the tests reuse compilations)."""
     fn = functools.partial(sequence_stats, cfg=cfg, max_segments=max_segments, tap=tap,

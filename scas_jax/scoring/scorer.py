@@ -24,7 +24,7 @@ import numpy as np
 from scas_jax.data.chat import ChatEncoder, Encoded, RowError
 from scas_jax.data.packing import BatchPlan, materialise, padding_stats, plan_batches
 from scas_jax.host_memory import release as release_host_memory
-from scas_jax.models.loss import VOCAB_CHUNK
+from scas_jax.models.loss import LOGIT_POSITIONS
 from scas_jax.models.precision import matmul_precision
 from scas_jax.scoring.core import DEFAULT_TAP, compiled_stats
 from scas_jax.scoring.fields import check_lambda, error_fields, fields_from_batch
@@ -47,7 +47,7 @@ class ScoreConfig:
     max_segments: int = 16
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU (resolved on construction)
     attn_impl: str = "auto"
-    vocab_chunk: int = VOCAB_CHUNK
+    vocab_chunk: int = LOGIT_POSITIONS  # positions of a batch per log-softmax chunk
 
     def __post_init__(self) -> None:
         from scas_jax.models.precision import resolve_dtype
