@@ -6,6 +6,8 @@
 * ``student_io.load_tokenizer`` builds the generic fast tokenizer by its own class when
   ``AutoTokenizer`` would build exactly that: the same tokenizer either way, and no
   PyTorch import on the way (a fresh interpreter, with torch installed, checks it).
+* The CLI bounds glibc's malloc arenas before a command that runs JAX
+  (``host_memory.limit_arenas``).
 """
 
 from __future__ import annotations
@@ -178,3 +180,28 @@ def test_load_tokenizer_does_not_import_torch(tiny_hf_dirs, tmp_path):
                          timeout=300, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-1] == "False"
+
+
+# ---- host heap ----------------------------------------------------------------------
+
+
+def test_cli_bounds_malloc_arenas_before_jax_commands(monkeypatch):
+    """``scas-jax <command that runs JAX>`` bounds glibc's malloc arenas (one per core)
+    before the command runs; other commands leave the heap alone; on glibc the call
+    takes."""
+    import argparse
+    import platform
+
+    from scas_jax import cli, host_memory
+
+    if platform.libc_ver()[0] == "glibc":
+        assert host_memory.limit_arenas() is True
+    events = []
+    monkeypatch.setattr(host_memory, "limit_arenas", lambda count=None: events.append("arenas") or True)
+    monkeypatch.setattr(cli.distributed, "initialize_from_args", lambda args: None)
+    for command, want in (("select", ["run"]), ("score", ["arenas", "run"])):
+        events.clear()
+        ns = argparse.Namespace(command=command, func=lambda args: events.append("run") or 0)
+        monkeypatch.setattr(cli, "build_parser", lambda ns=ns: argparse.Namespace(parse_args=lambda argv: ns))
+        assert cli.main([command]) == 0
+        assert events == want, command
