@@ -204,19 +204,6 @@ def _encoded_length(row: dict, tok) -> int:
     return e.length
 
 
-def _release_host_memory() -> None:
-    """``gc`` then glibc ``malloc_trim`` (what ``scorer.release_host_memory`` does, without
-    importing jax)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def memory_child(which: str, tokens: int, root: str):
     """One path in its own process: tokenize and trim the row, load the student, score.
 
@@ -242,7 +229,9 @@ def memory_child(which: str, tokens: int, root: str):
     while n > tokens:  # trim to at most `tokens` tokens in all
         row["teacher_output"] = row["teacher_output"][: int(len(row["teacher_output"]) * tokens / n) - 1]
         n = _encoded_length(row, tok)
-    _release_host_memory()  # the trimming above is harness work: free it on both sides alike
+    from scas_jax.host_memory import release  # imports neither jax nor torch
+
+    release()  # the trimming above is harness work: free it on both sides alike
     phases["row"] = (_rss_mb(), _peak_mb())
     if which == "torch":
         import torch

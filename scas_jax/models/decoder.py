@@ -124,6 +124,14 @@ def decode(
             lambda n=name, k=kind: tap_fn(n, jnp.zeros((b, t, width[k]), dtype))))
             for name, _, kind in wanted}
 
+    def keep(i, h, up, bufs, reduce):  # layer i's taps (reduced) into the carried buffers
+        new = {}
+        for name, idx, kind in wanted:
+            val = up if kind == "up_proj" else h
+            new[name] = jax.lax.cond(i == idx, lambda v=val, n=name: reduce(n, v),
+                                     lambda n=name: bufs[n])
+        return new
+
     # One scan over all layers; a tapped activation is kept by a cond at its layer
     # (one compiled layer body, and no buffers of a second, unrolled layer).
     def body(carry, xs):
@@ -131,20 +139,11 @@ def decode(
         p, i, window, is_local = xs
         if tap_fn is None or not wanted:
             h, up = run_one(p, h, window, is_local)
-            new = {}
-            for name, idx, kind in wanted:
-                val = up if kind == "up_proj" else h
-                new[name] = jax.lax.cond(i == idx, lambda v=val: v, lambda n=name: bufs[n])
-            return (h, new), None
+            return (h, keep(i, h, up, bufs, lambda n, v: v)), None
 
         def tapped(h, bufs):
             h, up = run_one(p, h, window, is_local)
-            new = {}
-            for name, idx, kind in wanted:
-                val = up if kind == "up_proj" else h
-                new[name] = jax.lax.cond(i == idx, lambda v=val, n=name: tap_fn(n, v),
-                                         lambda n=name: bufs[n])
-            return h, new
+            return h, keep(i, h, up, bufs, tap_fn)
 
         def plain(h, bufs):  # `up` unused: never made
             return run_one(p, h, window, is_local)[0], bufs
