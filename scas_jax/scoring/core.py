@@ -50,6 +50,9 @@ def token_outputs(
 
     Args:
       batch: at least ``tokens``, ``positions``, ``segment_ids``, each ``[batch, seq]``.
+      vocab_chunk: positions of the whole batch per log-softmax chunk, the vocabulary
+        taken :data:`~scas_jax.models.loss.VOCAB_TILE` entries at a time
+        (:func:`scas_jax.models.loss.next_token_nll`); no value depends on it.
     Returns:
       ``(nll [batch, seq] float32, unit [batch, seq, d_tap] float32)``: ``nll[b, p]`` is
       the loss of predicting token ``p`` (0 at ``p = 0``; meaningless at the first token
