@@ -91,7 +91,7 @@ def test_cpu_auto_unchanged():
 
 def test_explicit_kernel_falls_back_on_cpu_and_logs_once(caplog):
     q, k, v, seg = _operands()
-    ref = A.blockwise_attention(q, k, v, seg, 3, A.BLOCK)
+    ref = A.blockwise_attention(q, k, v, seg, 3)  # the tile a forward pass takes by default
     K._logged.clear()
     with caplog.at_level(logging.WARNING, logger=K.__name__):
         for impl in ("cudnn", "cudnn", "splash"):

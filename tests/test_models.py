@@ -136,12 +136,13 @@ def test_blockwise_attention_equals_dense(loaded):
         b = attn_mod.blockwise_attention(q, k, v, jnp.asarray(seg), window, block=8)
         assert np.all(np.isfinite(np.asarray(b)))
         np.testing.assert_allclose(np.asarray(a)[seg > 0], np.asarray(b)[seg > 0], atol=1e-5, rtol=0)
-    old = attn_mod.BLOCK, attn_mod.FORWARD_BLOCK
+    old = attn_mod.BLOCK, attn_mod.forward_block
     try:
-        attn_mod.BLOCK = attn_mod.FORWARD_BLOCK = 8
+        attn_mod.BLOCK = 8
+        attn_mod.forward_block = lambda seq: 8
         blk, _ = decode(st.params, st.cfg, ids, pos, seg, attn_impl="blockwise")
     finally:
-        attn_mod.BLOCK, attn_mod.FORWARD_BLOCK = old
+        attn_mod.BLOCK, attn_mod.forward_block = old
     np.testing.assert_allclose(np.asarray(blk)[seg > 0], np.asarray(dense)[seg > 0], atol=1e-5, rtol=0)
 
 
