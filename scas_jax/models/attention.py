@@ -39,12 +39,10 @@ BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024
 
 
 def forward_block(seq: int) -> int:
-    """The tile of a forward pass alone (scoring, prefill; row by row) for rows of ``seq``
-    positions: 1/32 of the row, between 32 and 256. Short rows hold short packed
-    sequences, where small tiles skip the most (SmolLM2, packed 4 x 1,024 GSM8K rows, a
-    layer: 7.5-16.6 ms with 32, 10.6-20.0 with 64, 14.7-21.5 with 128); a long row may
-    hold one long sequence, where large tiles run the fewest loop steps (one 8,192-token
-    sequence: 646 ms with 32, 638 with 64, 539 with 128, 419 with 256)."""
+    """The tile of a forward pass alone (scoring, prefill) for rows of ``seq`` positions:
+    1/32 of the row, between 32 and 256. Short rows hold short packed sequences, where
+    small tiles skip the most; a long row may hold one long sequence, where large tiles
+    run the fewest loop steps (measurements in docs/benchmarks.md)."""
     return max(32, min(256, (1 << max(0, seq - 1).bit_length()) // 32))
 
 
@@ -157,15 +155,6 @@ def _flash_forward(q, k, v, segment_ids, sliding_window, block):
     return out.reshape(b, n * block, h, d)[:, :t].astype(q.dtype), res
 
 
-def _flash_forward_rows(q, k, v, segment_ids, sliding_window, block):
-    """:func:`_flash_forward_heads` one row at a time: each row visits only the key
-    blocks its own segments reach (together, a query block visits the union over the
-    rows). SmolLM2, packed 4 x 1,024 rows, a layer's attention: 18-34 ms batched with
-    128-position tiles, 12-22 ms row by row with 64 (tiles: :func:`forward_block`)."""
-    return jax.lax.map(lambda xs: _flash_forward_heads(*[x[None] for x in xs], sliding_window, block)[0],
-                       (q, k, v, segment_ids))
-
-
 def _flash_forward_heads(q, k, v, segment_ids, sliding_window, block):
     """The forward pass alone (no residuals), heads before positions: every tile's two
     products are plain batched matmuls over ``[b, kv_heads, g]`` with nothing moved
@@ -258,8 +247,8 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=None):
     """Same result as :func:`xla_attention` in ``O(seq * block)`` score memory, and
     differentiable (flash-attention backward: no ``[seq, seq]`` residual is stored).
     ``block``: the tile size; None: :func:`forward_block` of the row length for a forward
-    pass alone (row by row), :data:`BLOCK` under differentiation."""
-    return _flash_forward_rows(q, k, v, segment_ids, sliding_window, block or forward_block(q.shape[1]))
+    pass alone, :data:`BLOCK` under differentiation."""
+    return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block or forward_block(q.shape[1]))
 
 
 def _vjp_fwd(q, k, v, segment_ids, sliding_window, block):
