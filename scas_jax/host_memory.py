@@ -1,7 +1,7 @@
 """The process's host heap (glibc malloc): hand freed pages back, bound its arenas.
 
-Neither imports JAX, so both can run before it is imported; on a C library other than
-glibc they do nothing.
+Neither imports JAX (benchmark children that must not carry it can use them); on a C
+library other than glibc they do nothing.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def limit_arenas(count: int | None = None) -> bool:
     eight per core). Each thread that allocates may otherwise get its own arena, and
     what the restore's and the compiler's threads free there stays resident: on an
     8k-token SmolLM2 ``scas-jax score`` (2 cores) the peak goes from 1,073 to 1,053 MB,
-    wall time unchanged. Call it before threads start (before JAX is imported). Returns
-    whether the setting took."""
+    wall time unchanged. Call it before the threads that allocate start (the CLI calls it
+    before JAX's backend is initialised). Returns whether the setting took."""
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False

@@ -22,8 +22,8 @@ from scas_jax.models.decoder import lm_head, softcap
 VOCAB_CHUNK = 128
 # Forward passes (scoring): positions of the whole batch per chunk, and the vocabulary
 # in tiles of VOCAB_TILE with a running logsumexp, so a tile's logits ``[512, 4096]``
-# (8 MiB) stay in cache: SmolLM2's log-softmax over 4 x 1,024 positions 0.95 -> 0.61 s,
-# over 1 x 8,192 1.41 -> 1.09 s on the build machine (docs/benchmarks.md).
+# (8 MiB) stay in cache: SmolLM2's log-softmax over 4 x 1,024 positions 0.95 -> 0.56 s,
+# over 1 x 8,192 1.39 -> 1.12 s on the build machine (docs/benchmarks.md).
 LOGIT_POSITIONS = 512
 VOCAB_TILE = 4096
 
