@@ -144,8 +144,11 @@ def _machine() -> str:
     except OSError:
         pass
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    cap = [f for f in os.environ.get("XLA_FLAGS", "").split() if "max_isa" in f]
-    return f"{model}, {isa}{' (' + cap[0] + ')' if cap else ''}, {os.cpu_count()} cores"
+    cap = [f for f in os.environ.get("XLA_FLAGS", "").split() if "max_isa" in f or "ynn" in f]
+    cap += [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
+                                               "MKL_ENABLE_INSTRUCTIONS") if k in os.environ]
+    capped = f" capped ({' '.join(cap)}; benchmarks/avx2_cap.sh)" if cap else ""
+    return f"{model}, {isa}{capped}, {os.cpu_count()} cores"
 
 
 def _peak_mb() -> float:

@@ -11,6 +11,7 @@ replicated (or mis-sharded).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Callable
@@ -23,6 +24,7 @@ from scas_jax.errors import ScasError
 
 AXES = ("data", "fsdp", "tp")
 BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tp"
 
 # (path regex, logical role of each dimension). Paths are "a/b/c" joined.
 RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -136,6 +138,18 @@ def shard_params(params, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def mesh_context(tree):
+    """``jax.set_mesh`` of the mesh the leaves of ``tree`` (arrays or
+    ``ShapeDtypeStruct``s) are laid out on, for compiling a step over them; a null
+    context when none carries a ``NamedSharding``. Code that must know which rows a
+    device holds (the forward attention's row loop) reads it from there."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return jax.set_mesh(sharding.mesh)
+    return contextlib.nullcontext()
 
 
 def batch_divisor(mesh: Mesh) -> int:

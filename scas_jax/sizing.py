@@ -265,7 +265,7 @@ def compile_plan(plan: dict, devices=None) -> dict:
     import jax
 
     from scas_jax.models.precision import matmul_precision
-    from scas_jax.parallel import make_mesh
+    from scas_jax.parallel import make_mesh, mesh_context
 
     sizes = plan["mesh"]
     n = math.prod(sizes.values())
@@ -273,7 +273,7 @@ def compile_plan(plan: dict, devices=None) -> dict:
     mesh = make_mesh(mesh_spec(sizes), devices=devices)
     t0 = time.perf_counter()
     fn, args, parts = PROGRAMS[plan["kind"]](plan, mesh)
-    with matmul_precision(plan["dtype"]):
+    with matmul_precision(plan["dtype"]), mesh_context(args):  # as the scorer compiles it
         compiled = fn.lower(*args).compile()
     m = compiled.memory_analysis()
     return {

@@ -248,10 +248,10 @@ def test_model_dispatch_on_simulated_backend(model_type, backend, monkeypatch):
 
 
 def test_blockwise_forward_keeps_rows_on_their_devices():
-    """The forward-only blockwise pass over a batch sharded on 8 devices compiles without
-    gathering the batch: its key-block loop runs over every row of the local shard at once
-    (a loop over rows would slice the sharded axis, and XLA would gather it on every
-    device)."""
+    """Without a mesh in context, the forward-only blockwise pass over a batch sharded on
+    8 devices compiles without gathering the batch: its key-block loop runs over every
+    row of the local shard at once (a loop over rows would slice the sharded axis, and
+    XLA would gather it on every device)."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     assert len(jax.devices()) == 8
@@ -263,3 +263,66 @@ def test_blockwise_forward_keeps_rows_on_their_devices():
     hlo = jax.jit(lambda q, k, v, s: A.blockwise_attention(q, k, v, s, None),
                   out_shardings=rows).lower(q, kv, kv, seg).compile().as_text()
     assert "all-gather" not in hlo
+
+
+def _packed_rows(b=8, t=256, h=4, kvh=2, d=8, seed=1):
+    """Rows packed with sequences of different lengths (each row's own segment starts)
+    and a padded tail of its own length."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((b, t), np.int32)
+    for r in range(b):
+        pos, s = 0, 1
+        while pos < t - 20 - 5 * r:
+            n = int(rng.integers(9, 80))
+            seg[r, pos:pos + n] = s
+            pos, s = pos + n, s + 1
+        seg[r, t - 20 - 5 * r:] = 0
+    f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    return f(b, t, h, d), f(b, t, kvh, d), f(b, t, kvh, d), jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("axes,window", [
+    ({"data": 8}, None), ({"data": 2, "fsdp": 2, "tp": 2}, None), ({"data": 4, "tp": 2}, 40)])
+def test_blockwise_forward_row_by_row_under_the_mesh(axes, window):
+    """Under a context mesh (as the scorer compiles) the forward pass runs row by row on
+    each device's own rows (``shard_map``; heads split over ``tp`` too): the same values
+    as all rows together and the dense reference at every real position, a traced
+    sliding window included, and the compiled program moves nothing between devices."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from scas_jax.parallel import BATCH_AXES, make_mesh, mesh_context
+
+    spec = ",".join(f"{k}={v}" for k, v in axes.items())
+    mesh = make_mesh(spec)
+    q, k, v, seg = _packed_rows()
+    rows = NamedSharding(mesh, P(BATCH_AXES))
+    q, k, v, seg = (jax.device_put(x, rows) for x in (q, k, v, seg))
+    win = None if window is None else jnp.int32(window)
+    fn = jax.jit(lambda q, k, v, s, w: A.blockwise_attention(q, k, v, s, w, 16))
+    with mesh_context(seg):
+        compiled = fn.lower(q, k, v, seg, win).compile()
+    hlo = compiled.as_text()
+    assert "/shard_map/" in hlo  # the row loop ran (op metadata names its shard_map)
+    for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        assert op not in hlo, op
+    got = np.asarray(compiled(q, k, v, seg, win))
+    together = np.asarray(A._flash_forward_heads(q, k, v, seg, win, 16))
+    dense = np.asarray(A.xla_attention(q, k, v, seg, window))
+    real = np.asarray(seg) > 0
+    np.testing.assert_array_equal(got[real], together[real])
+    np.testing.assert_allclose(got[real], dense[real], atol=2e-6, rtol=2e-5)
+
+
+def test_blockwise_forward_rows_fall_back_when_the_batch_does_not_split():
+    """A batch that is not a multiple of the mesh's batch shards goes through all rows
+    together (same values); so does a call with no mesh in context."""
+    from scas_jax.parallel import make_mesh
+
+    q, k, v, seg = _packed_rows(b=3)
+    assert A._row_axes(make_mesh("data=8").abstract_mesh, 3, 4, 2) is None
+    assert A._row_axes(jax.sharding.get_abstract_mesh(), 3, 4, 2) is None
+    assert A._row_axes(make_mesh("data=4,tp=2").abstract_mesh, 8, 4, 2) == (("data", "fsdp"), "tp")
+    assert A._row_axes(make_mesh("data=4,tp=2").abstract_mesh, 8, 4, 1) == (("data", "fsdp"), None)
+    with jax.set_mesh(make_mesh("data=8")):
+        got = jax.jit(lambda *a: A.blockwise_attention(*a, None, 16))(q, k, v, seg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(A._flash_forward_heads(q, k, v, seg, None, 16)))

@@ -32,7 +32,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from scas_jax.models import attention_kernels
+from scas_jax.parallel import BATCH_AXES, HEAD_AXIS
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
@@ -198,6 +201,56 @@ def _flash_forward_heads(q, k, v, segment_ids, sliding_window, block):
     return out[:, :t].astype(q.dtype)
 
 
+def _flash_forward_rows(q, k, v, segment_ids, sliding_window, block):
+    """:func:`_flash_forward_heads` one row at a time: each row visits only the key
+    blocks its own segments reach (all rows together visit the union over the rows).
+    Slices the batch axis, so it must only see a device's own rows: see
+    :func:`_forward_by_rows`."""
+    return jax.lax.map(lambda xs: _flash_forward_heads(*[x[None] for x in xs], sliding_window, block)[0],
+                       (q, k, v, segment_ids))
+
+
+def _row_axes(mesh, batch: int, heads: int, kv_heads: int):
+    """``(batch axes, head axes)`` of the context mesh for :func:`_forward_by_rows`, or
+    None where the rows cannot be split that way (no mesh in context; the batch not a
+    multiple of the batch shards)."""
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return None
+    shards = 1
+    for a in BATCH_AXES:
+        shards *= mesh.shape[a]
+    if batch % shards:
+        return None
+    tp = mesh.shape.get(HEAD_AXIS, 1)
+    head_axis = HEAD_AXIS if tp > 1 and heads % tp == 0 and kv_heads % tp == 0 else None
+    return BATCH_AXES, head_axis
+
+
+def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
+    """The forward-only pass row by row on each device's own rows: under the context
+    mesh (``jax.set_mesh``, which the scorer sets around its compilation) a
+    ``shard_map`` hands each device its rows of the batch and the loop over rows runs
+    there, so no device gathers another's rows. Without a context mesh (or where the
+    batch does not split over its batch axes) all rows go together
+    (:func:`_flash_forward_heads`): a loop over a batch axis that XLA has sharded would
+    gather the whole batch on every device. SmolLM2, packed 4 x 1,024 rows, a layer's
+    attention: 7.5-16.6 ms row by row against 14.5-31 ms all rows together (tiles of 32)."""
+    axes = _row_axes(jax.sharding.get_abstract_mesh(), q.shape[0], q.shape[2], k.shape[2])
+    if axes is None:
+        return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block)
+    rows, heads = axes
+    spec = P(rows, None, heads, None)
+    if sliding_window is None:
+        return jax.shard_map(
+            lambda q, k, v, s: _flash_forward_rows(q, k, v, s, None, block),
+            in_specs=(spec, spec, spec, P(rows, None)), out_specs=spec, check_vma=False,
+        )(q, k, v, segment_ids)
+    return jax.shard_map(
+        lambda q, k, v, s, w: _flash_forward_rows(q, k, v, s, w, block),
+        in_specs=(spec, spec, spec, P(rows, None), P()), out_specs=spec, check_vma=False,
+    )(q, k, v, segment_ids, jnp.asarray(sliding_window))
+
+
 def _flash_backward(block, res, dout):
     """Flash-attention backward: probabilities recomputed tile by tile from the saved
     log-sum-exp; only tiles the forward visited are visited."""
@@ -248,7 +301,7 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=None):
     differentiable (flash-attention backward: no ``[seq, seq]`` residual is stored).
     ``block``: the tile size; None: :func:`forward_block` of the row length for a forward
     pass alone, :data:`BLOCK` under differentiation."""
-    return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block or forward_block(q.shape[1]))
+    return _forward_by_rows(q, k, v, segment_ids, sliding_window, block or forward_block(q.shape[1]))
 
 
 def _vjp_fwd(q, k, v, segment_ids, sliding_window, block):

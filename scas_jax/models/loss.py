@@ -21,11 +21,13 @@ from scas_jax.models.decoder import lm_head, softcap
 # bit, half the buffer, no slower (docs/benchmarks.md).
 VOCAB_CHUNK = 128
 # Forward passes (scoring): positions of the whole batch per chunk, and the vocabulary
-# in tiles of VOCAB_TILE with a running logsumexp, so a tile's logits ``[512, 4096]``
-# (8 MiB) stay in cache: SmolLM2's log-softmax over 4 x 1,024 positions 0.95 -> 0.56 s,
-# over 1 x 8,192 1.39 -> 1.12 s on the build machine (docs/benchmarks.md).
-LOGIT_POSITIONS = 512
-VOCAB_TILE = 4096
+# in tiles of VOCAB_TILE with a running logsumexp, so a tile's logits ``[1024, 1024]``
+# (4 MiB) stay in cache. SmolLM2's log-softmax over 4 x 1,024 positions on the build
+# machine (docs/benchmarks.md): one piece 0.95 s; 512 x 4,096 tiles 0.56-0.62 s, and
+# 1.84-1.97 s with the AVX2 cap (benchmarks/avx2_cap.sh: XLA's dots on oneDNN's AVX2
+# GEMM); 1,024 x 1,024 tiles 0.56-0.62 s and 1.12 s capped.
+LOGIT_POSITIONS = 1024
+VOCAB_TILE = 1024
 
 
 def target_logprobs(

@@ -26,6 +26,7 @@ from scas_jax.data.packing import BatchPlan, materialise, padding_stats, plan_ba
 from scas_jax.host_memory import release as release_host_memory
 from scas_jax.models.loss import LOGIT_POSITIONS
 from scas_jax.models.precision import matmul_precision
+from scas_jax.parallel import mesh_context
 from scas_jax.scoring.core import DEFAULT_TAP, compiled_stats
 from scas_jax.scoring.fields import check_lambda, error_fields, fields_from_batch
 
@@ -400,7 +401,8 @@ def executable(fn, params, batch):
     """
     key = (fn, _signature(params), _signature(batch))
     if key not in _EXECUTABLES:
-        _EXECUTABLES[key] = fn.lower(params, batch).compile()
+        with mesh_context(batch):  # the forward attention splits rows by it
+            _EXECUTABLES[key] = fn.lower(params, batch).compile()
         release_host_memory()
     return _EXECUTABLES[key]
 
