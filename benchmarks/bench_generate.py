@@ -18,26 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "cpus_visible": os.cpu_count()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        flags = fields.get("Flags", "").split()
-        info.update({
-            "model": fields.get("Model name"), "cpu_family": fields.get("CPU family"),
-            "cpus": fields.get("CPU(s)"), "threads_per_core": fields.get("Thread(s) per core"),
-            "isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
-        })
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return info
+import machine  # benchmarks/machine.py
 
 
 def load() -> list[float]:
@@ -65,7 +48,7 @@ def main() -> None:
     from scas_jax.loader import load_student
     from scas_jax.models.kv_cache import cache_bytes
 
-    result: dict = {"machine": machine(), "load_before": load(), "batch": args.batch,
+    result: dict = {"machine": machine.describe(), "load_before": load(), "batch": args.batch,
                     "new_tokens": args.new_tokens, "dtype": "float32", "jax": jax.__version__,
                     "torch": torch.__version__}
     st = load_student("smollm2")

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import machine  # benchmarks/machine.py
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TEACHERS = 6
@@ -462,7 +462,7 @@ def main() -> int:
 
     directory = args.dir or Path(tempfile.mkdtemp(prefix="bench_input_"))
     results: dict = {"answers": args.answers, "load_start": loadavg(),
-                     "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+                     "machine": machine.describe()}
     if args.only:  # phases on the pool an earlier run wrote under --dir
         for k, name in enumerate(args.only.split(",")):  # a phase may repeat (before/after)
             results[f"{k}:{name}"] = run_phase(name, directory / "pool", args)

@@ -25,12 +25,13 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+import machine  # benchmarks/machine.py
 
 from scas_jax.experiment.compare import spearman  # one Spearman (average ranks) for the project
 
@@ -117,7 +118,7 @@ def main() -> None:
     result["truth_target_vs_all_spearman"] = spearman(true["target"], true["all"])
     result["timing_s"] = {"scoring": round(t_score, 1), "gradients": round(t_grad, 1),
                           "per_answer_gradient": round(t_grad / len(rows), 2), "total": round(time.time() - t0, 1)}
-    result["machine"] = {"cpu": _cpu(), "cores": os.cpu_count(), "devices": str(jax.devices()[0]),
+    result["machine"] = {**machine.describe(), "devices": str(jax.devices()[0]),
                          "jax": jax.__version__, "python": platform.python_version(),
                          "load_after": os.getloadavg()}
     print(markdown(result))
@@ -126,15 +127,6 @@ def main() -> None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.figure:
         scatter(args.figure, table, true, [r["teacher_name"] for r in rows])
-
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        return f"{info.get('Model name', '?').strip()} family {info.get('CPU family', '?').strip()}"
-    except OSError:
-        return platform.processor()
 
 
 def markdown(r: dict) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the torch oracle lives with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def gsm8k_rows(questions: int, verified_only: bool = True) -> list[dict]:
@@ -126,29 +127,9 @@ def throughput(args):
         "speedup": (real / wall_j) / (tokens_t / wall_t), "jax_compile_s": t_comp,
         "matmul_gflops": mm / 1e9, "jax_gflops": fpt * real / wall_j / 1e9,
         "torch_gflops": fpt * tokens_t / wall_t / 1e9, "max_rel_diff": worst,
-        "machine": _machine(),
+        "machine": machine.one_line(),
     }
     print(json.dumps(res, indent=2))
-
-
-def _machine() -> str:
-    """CPU model, the widest vector ISA it has (and any cap set through XLA_FLAGS), cores."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and ":" in line:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and ":" in line:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    cap = [f for f in os.environ.get("XLA_FLAGS", "").split() if "max_isa" in f or "ynn" in f]
-    cap += [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
-                                               "MKL_ENABLE_INSTRUCTIONS") if k in os.environ]
-    capped = f" capped ({' '.join(cap)}; benchmarks/avx2_cap.sh)" if cap else ""
-    return f"{model}, {isa}{capped}, {os.cpu_count()} cores"
 
 
 def _peak_mb() -> float:
@@ -342,7 +323,7 @@ def memory(args):
     if res[0]["tokens"] != res[1]["tokens"]:
         raise SystemExit(f"the two children scored different rows: {res[0]['tokens']} vs {res[1]['tokens']} tokens")
     res.append(memory_cli(args.tokens, root))
-    res.append({"machine": _machine(),
+    res.append({"machine": machine.one_line(),
                 "ratio_peak": res[1]["peak_mb"] / res[0]["peak_mb"],
                 "ratio_peak_cli": res[2]["peak_mb"] / res[0]["peak_mb"],
                 "ratio_scoring_increment": (res[1]["peak_mb"] - res[1]["peak_before_scoring_mb"])
@@ -431,7 +412,7 @@ def command(args):
 
     root = ROOT / "runs" / "bench"
     conv, hf = _bench_models(root)
-    res = {"machine": _machine(), "questions": args.questions, "load_before": os.getloadavg()}
+    res = {"machine": machine.one_line(), "questions": args.questions, "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _write_pool(args.questions, tmp / "pool")

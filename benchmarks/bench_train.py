@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
+
+import machine  # benchmarks/machine.py
 
 
 def timed(fn, warmup: int, steps: int) -> list[float]:
@@ -91,10 +92,6 @@ def torch_step(path: str, gguf: str, batch_tokens, warmup: int, steps: int) -> l
 
 def selection_cost(student, state, mesh, cfg, ks: list[int], step_s: float) -> dict:
     """Scoring seconds for the questions of K steps, and its fraction of K step times."""
-    import dataclasses
-
-    import numpy as np
-
     from scas_jax.assets import GSM8K_POOL
     from scas_jax.training import dynamic as dyn
 
@@ -145,7 +142,7 @@ def main() -> None:
     ours, state, mesh = jax_step(student, tokens, cfg, args.warmup, args.steps)
     ours_s = statistics.median(ours)
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "note": "timings under load are noisy"},
+        "machine": machine.describe(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)",
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
         "scas_jax": {"step_s": round(ours_s, 4), "tokens_per_s": round(args.batch * args.seq / ours_s, 1)},
