@@ -279,3 +279,34 @@ def test_vocab_tiles_give_the_whole_log_softmax(loaded, name, tile):
     tiled = next_token_nll(st.params, st.cfg, hidden, tokens, 7, tile)
     np.testing.assert_allclose(np.asarray(tiled), np.asarray(whole), atol=1e-5, rtol=1e-6)
     assert float(jnp.abs(whole[:, 1:]).min()) > 0  # real values, not the padding's zeros
+
+
+@pytest.mark.parametrize("name", ["llama_rope_scaling_untied", "qwen3_qknorm_tied", "gemma3_local_global"])
+@pytest.mark.parametrize("tile", [32, 40])
+def test_vocab_tiles_give_the_whole_log_softmax_gradient(loaded, name, tile):
+    """The tiled log-softmax's own backward (each tile's logits formed again and pulled
+    back into the hidden states and that tile's head columns) gives the gradient of the
+    one-piece log-softmax: weighted per-token log-probabilities, gradients with respect
+    to the hidden states and every parameter (the tied embedding, the untied head, through
+    Gemma's soft cap), with dividing and overlapping tiles."""
+    from scas_jax.models.loss import target_logprobs
+
+    _, st = loaded[name]
+    rng = np.random.default_rng(7)
+    hidden = jnp.asarray(rng.normal(size=(3, 17, st.cfg.hidden_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, hf_tiny.VOCAB, size=(3, 17)), jnp.int32)
+    weights = jnp.asarray(rng.normal(size=(3, 17)), jnp.float32)
+
+    def loss(params, h, tile_):
+        return jnp.sum(weights * target_logprobs(params, st.cfg, h, targets, 6, tile_))
+
+    want_v, want_g = jax.jit(jax.value_and_grad(lambda p, h: loss(p, h, None), argnums=(0, 1)))(st.params, hidden)
+    got_v, got_g = jax.jit(jax.value_and_grad(lambda p, h: loss(p, h, tile), argnums=(0, 1)))(st.params, hidden)
+    np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-6)
+    flat_want, flat_got = jax.tree.leaves(want_g), jax.tree.leaves(got_g)
+    assert len(flat_want) == len(flat_got)
+    for a, b in zip(flat_got, flat_want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=2e-5)
+    head = st.params["embed_tokens"]["embedding"] if st.cfg.tie_word_embeddings else st.params["lm_head"]["kernel"]
+    g_head = got_g[0]["embed_tokens"]["embedding"] if st.cfg.tie_word_embeddings else got_g[0]["lm_head"]["kernel"]
+    assert g_head.shape == head.shape and float(jnp.abs(g_head).max()) > 0

@@ -41,7 +41,9 @@ def target_logprobs(
     of each row at a time; with ``vocab_tile``, each chunk's logits are formed
     ``vocab_tile`` columns at a time under a running max and sum (the logsumexp of the
     tiles, equal to the one-piece value to float32 rounding), so no ``[chunk, vocab]``
-    buffer is made.
+    buffer is made, and the gradient (:func:`_tiled_bwd`) goes over the same tiles:
+    each tile's logits are formed again, turned into ``g * (onehot - softmax)`` and
+    contracted into the hidden states' and the head's gradients at once.
     """
     b, t, d = hidden.shape
     w, spec = lm_head(params, cfg, hidden.dtype)
@@ -50,35 +52,52 @@ def target_logprobs(
     pad = n * chunk - t
     h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d)
     y = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk)
+    h, y = jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)  # [n, b, chunk, ...]
+    if vocab_tile is None:
+        def whole(hc, yc):
+            logits = softcap(cfg, jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32))
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
+            return tgt - lse
 
-    def whole(hc, yc):
-        logits = softcap(cfg, jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32))
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
-        return tgt - lse
-
-    one = jax.checkpoint(whole if vocab_tile is None
-                         else functools.partial(_tiled_logprobs, cfg, w, spec, vocab_tile))
-    out = jax.lax.map(lambda xs: one(*xs), (jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)))
+        one = jax.checkpoint(whole)
+        out = jax.lax.map(lambda xs: one(*xs), (h, y))
+    else:
+        out = _tiled(cfg, spec, vocab_tile, h, w, y)
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def _tiled_logprobs(cfg: ModelConfig, w: jax.Array, spec: str, tile: int, hc: jax.Array,
-                    yc: jax.Array) -> jax.Array:
-    """``hc [batch, c, d]``, ``yc [batch, c]`` -> target log-probabilities ``[batch, c]``,
-    the head ``w`` (``spec``'s layout) read ``tile`` vocabulary entries at a time (the
-    last tile ends at the vocabulary's end; its columns already seen are masked)."""
+def _tiles(w: jax.Array, spec: str, tile: int) -> tuple[int, int, int]:
+    """``(vocabulary axis of w, tile, number of tiles)``; the last tile ends at the
+    vocabulary's end (:func:`_tile_start`) and masks the columns it repeats."""
     axis = spec.split("->")[0].split(",")[1].index("v")
     vocab = w.shape[axis]
     tile = min(tile, vocab)
-    k = -(-vocab // tile)
+    return axis, tile, -(-vocab // tile)
+
+
+def _tile_start(j, tile: int, vocab: int):
+    """First column of tile ``j`` and the mask ``[tile]`` of its columns not seen before."""
+    start = jnp.minimum(j * tile, vocab - tile)
+    return start, start + jnp.arange(tile) >= j * tile
+
+
+def _tile_logits(cfg: ModelConfig, spec: str, hc: jax.Array, wk: jax.Array) -> jax.Array:
+    return softcap(cfg, jnp.einsum(spec, hc, wk, preferred_element_type=jnp.float32))
+
+
+def _chunk_forward(cfg: ModelConfig, spec: str, tile: int, w: jax.Array, hc: jax.Array,
+                   yc: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``hc [batch, c, d]``, ``yc [batch, c]`` -> ``(target logit, logsumexp)``, each
+    ``[batch, c]`` float32, the head read ``tile`` vocabulary entries at a time."""
+    axis, tile, k = _tiles(w, spec, tile)
+    vocab = w.shape[axis]
 
     def step(carry, j):
         m, s, tgt = carry
-        start = jnp.minimum(j * tile, vocab - tile)
-        wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
-        logits = softcap(cfg, jnp.einsum(spec, hc, wk, preferred_element_type=jnp.float32))
-        logits = jnp.where(start + jnp.arange(tile) >= j * tile, logits, -jnp.inf)
+        start, fresh = _tile_start(j, tile, vocab)
+        logits = _tile_logits(cfg, spec, hc, jax.lax.dynamic_slice_in_dim(w, start, tile, axis))
+        logits = jnp.where(fresh, logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
         idx = yc - start
@@ -89,7 +108,53 @@ def _tiled_logprobs(cfg: ModelConfig, w: jax.Array, spec: str, tile: int, hc: ja
     init = (jnp.full(yc.shape, -jnp.inf, jnp.float32), jnp.zeros(yc.shape, jnp.float32),
             jnp.zeros(yc.shape, jnp.float32))
     (m, s, tgt), _ = jax.lax.scan(step, init, jnp.arange(k))
-    return tgt - (m + jnp.log(s))
+    return tgt, m + jnp.log(s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _tiled(cfg: ModelConfig, spec: str, tile: int, h: jax.Array, w: jax.Array, y: jax.Array) -> jax.Array:
+    """``h [n, batch, c, d]``, ``y [n, batch, c]`` -> target log-probabilities ``[n, batch, c]``,
+    chunk by chunk (``n``), the head ``w`` in tiles of ``tile`` vocabulary entries."""
+    return _tiled_fwd(cfg, spec, tile, h, w, y)[0]
+
+
+def _tiled_fwd(cfg, spec, tile, h, w, y):
+    tgt, lse = jax.lax.map(lambda xs: _chunk_forward(cfg, spec, tile, w, *xs), (h, y))
+    return tgt - lse, (h, w, y, lse)
+
+
+def _tiled_bwd(cfg, spec, tile, res, g):
+    """``d lp / d logits = onehot(target) - softmax``, tile by tile: each tile's logits
+    are formed again from the saved logsumexp and pulled back through the tile's
+    product (and the soft cap) into ``dh`` and the tile's columns of ``dw``."""
+    h, w, y, lse = res
+    axis, tile, k = _tiles(w, spec, tile)
+    vocab = w.shape[axis]
+
+    def chunk(dw, xs):
+        hc, yc, lc, gc = xs
+
+        def step(carry, j):
+            dh, dw = carry
+            start, fresh = _tile_start(j, tile, vocab)
+            wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
+            logits, pull = jax.vjp(lambda a, b: _tile_logits(cfg, spec, a, b), hc, wk)
+            cols = start + jnp.arange(tile)
+            p = jnp.where(fresh, jnp.exp(logits - lc[..., None]), 0.0)
+            hit = fresh & (yc[..., None] == cols)
+            dh_k, dw_k = pull(gc[..., None] * (hit.astype(jnp.float32) - p))
+            dw = jax.lax.dynamic_update_slice_in_dim(
+                dw, jax.lax.dynamic_slice_in_dim(dw, start, tile, axis) + dw_k.astype(dw.dtype), start, axis)
+            return (dh + dh_k.astype(dh.dtype), dw), None
+
+        (dh, dw), _ = jax.lax.scan(step, (jnp.zeros(hc.shape, jnp.float32), dw), jnp.arange(k))
+        return dw, dh
+
+    dw, dh = jax.lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), (h, y, lse, g.astype(jnp.float32)))
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def next_token_nll(

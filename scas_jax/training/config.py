@@ -61,7 +61,9 @@ class TrainConfig:
     compute_dtype: str = "auto"
     remat: bool = False
     attn_impl: str = "auto"  # auto: flash-style blockwise (custom VJP) past 256 tokens, else dense
-    logits_chunk: int = 256
+    logits_chunk: int = 256  # positions of each row per log-softmax chunk
+    # vocabulary entries per log-softmax tile (forward and backward); 0: all at once
+    logits_vocab_tile: int = 1024
     mesh: str = "data=-1"
     # data
     dataset: str = ""  # dataset name inside a LLaMA-Factory dataset_info.json
@@ -114,6 +116,8 @@ class TrainConfig:
                      "log_every", "checkpoint_every", "rescore_every", "logits_chunk"):
             if getattr(self, name) < 1:
                 raise bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.logits_vocab_tile < 0:
+            raise bad(f"logits_vocab_tile must be >= 0 (0: the whole vocabulary at once), got {self.logits_vocab_tile}")
         if self.dynamic_strategy not in DYNAMIC_STRATEGIES:
             raise bad(f"dynamic_strategy {self.dynamic_strategy!r} is not one of {', '.join(DYNAMIC_STRATEGIES)}")
         if self.score_dtype not in COMPUTE_DTYPES:

@@ -141,7 +141,8 @@ def micro_loss_sum(params, model_cfg: ModelConfig, cfg: TrainConfig, micro: dict
         p, model_cfg, micro["tokens"], micro["positions"], micro["segment_ids"],
         dtype=dtype, attn_impl=cfg.attn_impl, remat=cfg.remat,
     )
-    lp = target_logprobs(p, model_cfg, hidden, micro["targets"], cfg.logits_chunk)
+    lp = target_logprobs(p, model_cfg, hidden, micro["targets"], cfg.logits_chunk,
+                         cfg.logits_vocab_tile or None)
     return -jnp.sum(lp * micro["weights"])
 
 
