@@ -13,7 +13,9 @@ Implementations:
 - ``blockwise``: flash-style online softmax over ``block`` x ``block`` tiles, never
   holding more than ``[batch, heads, block, block]`` scores; key blocks past the
   diagonal, before the earliest segment start of a query block (packed rows) or
-  outside the sliding window are skipped. Differentiable through a flash-attention
+  outside the sliding window are skipped; a forward pass alone goes row by row on each
+  device's own rows when a mesh is in context (each row visits only the blocks its own
+  segments reach). Differentiable through a flash-attention
   backward (a custom VJP that recomputes each visited tile from the saved
   log-sum-exp), so training at long lengths stores no ``[seq, seq]`` residual either.
 - ``cudnn`` (NVIDIA GPU) and ``splash`` (TPU, Pallas): vendor flash-attention kernels,
@@ -233,8 +235,9 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
     there, so no device gathers another's rows. Without a context mesh (or where the
     batch does not split over its batch axes) all rows go together
     (:func:`_flash_forward_heads`): a loop over a batch axis that XLA has sharded would
-    gather the whole batch on every device. SmolLM2, packed 4 x 1,024 rows, a layer's
-    attention: 7.5-16.6 ms row by row against 14.5-31 ms all rows together (tiles of 32)."""
+    gather the whole batch on every device. SmolLM2, packed 4 x 1,024 GSM8K rows, a
+    layer's attention (tiles of 32): 18 ms row by row against 32 ms all rows together
+    on the AVX-512 build machine (docs/benchmarks.md)."""
     axes = _row_axes(jax.sharding.get_abstract_mesh(), q.shape[0], q.shape[2], k.shape[2])
     if axes is None:
         return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block)

@@ -3,7 +3,9 @@
 The sequence is cut into chunks of ``chunk`` positions; each chunk's logits
 ``[batch, chunk, vocab]`` are formed, reduced to ``logsumexp`` and the target's logit,
 and dropped. Under ``jax.checkpoint`` the backward pass recomputes a chunk's logits
-instead of storing them, so training memory is bounded the same way.
+instead of storing them, so training memory is bounded the same way. With a vocabulary
+tile, a chunk's logits are formed a tile at a time (a running logsumexp), and the
+backward pass (a custom VJP) goes over the same tiles from the saved logsumexp.
 """
 
 from __future__ import annotations
