@@ -243,15 +243,12 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
         return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block)
     rows, heads = axes
     spec = P(rows, None, heads, None)
-    if sliding_window is None:
-        return jax.shard_map(
-            lambda q, k, v, s: _flash_forward_rows(q, k, v, s, None, block),
-            in_specs=(spec, spec, spec, P(rows, None)), out_specs=spec, check_vma=False,
-        )(q, k, v, segment_ids)
+    window = () if sliding_window is None else (jnp.asarray(sliding_window),)  # replicated
     return jax.shard_map(
-        lambda q, k, v, s, w: _flash_forward_rows(q, k, v, s, w, block),
-        in_specs=(spec, spec, spec, P(rows, None), P()), out_specs=spec, check_vma=False,
-    )(q, k, v, segment_ids, jnp.asarray(sliding_window))
+        lambda q, k, v, s, *w: _flash_forward_rows(q, k, v, s, w[0] if w else None, block),
+        in_specs=(spec, spec, spec, P(rows, None)) + (P(),) * len(window), out_specs=spec,
+        check_vma=False,
+    )(q, k, v, segment_ids, *window)
 
 
 def _flash_backward(block, res, dout):
