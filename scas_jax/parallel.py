@@ -152,9 +152,10 @@ def mesh_context(tree):
     return contextlib.nullcontext()
 
 
-def batch_divisor(mesh: Mesh) -> int:
-    """The global batch size must be a multiple of this."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_divisor(mesh) -> int:
+    """The global batch size must be a multiple of this (the batch shards: the product
+    of the ``BATCH_AXES`` sizes of a ``Mesh`` or ``AbstractMesh``)."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def row_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:

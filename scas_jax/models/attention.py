@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from scas_jax.models import attention_kernels
-from scas_jax.parallel import BATCH_AXES, HEAD_AXIS
+from scas_jax.parallel import BATCH_AXES, HEAD_AXIS, batch_divisor
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
@@ -218,10 +218,7 @@ def _row_axes(mesh, batch: int, heads: int, kv_heads: int):
     multiple of the batch shards)."""
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return None
-    shards = 1
-    for a in BATCH_AXES:
-        shards *= mesh.shape[a]
-    if batch % shards:
+    if batch % batch_divisor(mesh):
         return None
     tp = mesh.shape.get(HEAD_AXIS, 1)
     head_axis = HEAD_AXIS if tp > 1 and heads % tp == 0 and kv_heads % tp == 0 else None

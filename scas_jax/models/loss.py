@@ -57,7 +57,7 @@ def target_logprobs(
     h, y = jnp.moveaxis(h, 1, 0), jnp.moveaxis(y, 1, 0)  # [n, b, chunk, ...]
     if vocab_tile is None:
         def whole(hc, yc):
-            logits = softcap(cfg, jnp.einsum(spec, hc, w, preferred_element_type=jnp.float32))
+            logits = _logits(cfg, spec, hc, w)
             lse = jax.nn.logsumexp(logits, axis=-1)
             tgt = jnp.take_along_axis(logits, yc[..., None], axis=-1)[..., 0]
             return tgt - lse
@@ -69,13 +69,13 @@ def target_logprobs(
     return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk)[:, :t]
 
 
-def _tiles(w: jax.Array, spec: str, tile: int) -> tuple[int, int, int]:
-    """``(vocabulary axis of w, tile, number of tiles)``; the last tile ends at the
-    vocabulary's end (:func:`_tile_start`) and masks the columns it repeats."""
+def _tiles(w: jax.Array, spec: str, tile: int) -> tuple[int, int, int, int]:
+    """``(vocabulary axis of w, vocabulary size, tile, number of tiles)``; the last tile
+    ends at the vocabulary's end (:func:`_tile_start`) and masks the columns it repeats."""
     axis = spec.split("->")[0].split(",")[1].index("v")
     vocab = w.shape[axis]
     tile = min(tile, vocab)
-    return axis, tile, -(-vocab // tile)
+    return axis, vocab, tile, -(-vocab // tile)
 
 
 def _tile_start(j, tile: int, vocab: int):
@@ -84,7 +84,8 @@ def _tile_start(j, tile: int, vocab: int):
     return start, start + jnp.arange(tile) >= j * tile
 
 
-def _tile_logits(cfg: ModelConfig, spec: str, hc: jax.Array, wk: jax.Array) -> jax.Array:
+def _logits(cfg: ModelConfig, spec: str, hc: jax.Array, wk: jax.Array) -> jax.Array:
+    """Float32 logits of ``hc`` against the head (or a tile of it) ``wk``, soft-capped."""
     return softcap(cfg, jnp.einsum(spec, hc, wk, preferred_element_type=jnp.float32))
 
 
@@ -92,13 +93,12 @@ def _chunk_forward(cfg: ModelConfig, spec: str, tile: int, w: jax.Array, hc: jax
                    yc: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``hc [batch, c, d]``, ``yc [batch, c]`` -> ``(target logit, logsumexp)``, each
     ``[batch, c]`` float32, the head read ``tile`` vocabulary entries at a time."""
-    axis, tile, k = _tiles(w, spec, tile)
-    vocab = w.shape[axis]
+    axis, vocab, tile, k = _tiles(w, spec, tile)
 
     def step(carry, j):
         m, s, tgt = carry
         start, fresh = _tile_start(j, tile, vocab)
-        logits = _tile_logits(cfg, spec, hc, jax.lax.dynamic_slice_in_dim(w, start, tile, axis))
+        logits = _logits(cfg, spec, hc, jax.lax.dynamic_slice_in_dim(w, start, tile, axis))
         logits = jnp.where(fresh, logits, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(logits - m_new[..., None]), axis=-1)
@@ -130,8 +130,7 @@ def _tiled_bwd(cfg, spec, tile, res, g):
     are formed again from the saved logsumexp and pulled back through the tile's
     product (and the soft cap) into ``dh`` and the tile's columns of ``dw``."""
     h, w, y, lse = res
-    axis, tile, k = _tiles(w, spec, tile)
-    vocab = w.shape[axis]
+    axis, vocab, tile, k = _tiles(w, spec, tile)
 
     def chunk(dw, xs):
         hc, yc, lc, gc = xs
@@ -140,7 +139,7 @@ def _tiled_bwd(cfg, spec, tile, res, g):
             dh, dw = carry
             start, fresh = _tile_start(j, tile, vocab)
             wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
-            logits, pull = jax.vjp(lambda a, b: _tile_logits(cfg, spec, a, b), hc, wk)
+            logits, pull = jax.vjp(lambda a, b: _logits(cfg, spec, a, b), hc, wk)
             cols = start + jnp.arange(tile)
             p = jnp.where(fresh, jnp.exp(logits - lc[..., None]), 0.0)
             hit = fresh & (yc[..., None] == cols)
