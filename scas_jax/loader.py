@@ -43,6 +43,78 @@ class Student:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
 
 
+@dataclasses.dataclass
+class StudentFiles:
+    """A student on disk, opened but not read: its config now, its tokenizer and weights
+    when asked (so a caller can tokenize, or compile for the weights' shapes, while the
+    weights are read). ``meta``: a converted directory's metadata; ``source``: the tensor
+    source of a Hugging Face directory or GGUF file (opened once, for both)."""
+
+    path: Path
+    cfg: ModelConfig
+    meta: dict | None
+    source: Any
+
+    def tokenizer(self):
+        """The tokenizer beside the checkpoint (or in the GGUF), or None."""
+        if self.meta is not None:
+            return load_tokenizer(self.path)
+        return load_tokenizer(self.path if self.path.is_dir() else self.path.parent, self.source)
+
+    def param_dtype(self, dtype: str | None = None) -> str:
+        """The dtype :meth:`load` gives the weights: ``dtype``, else the stored one for a
+        converted directory and float32 otherwise."""
+        return dtype or (self.meta["param_dtype"] if self.meta is not None else "float32")
+
+    def abstract_params(self, dtype: str | None = None, mesh=None) -> dict:
+        """``jax.ShapeDtypeStruct`` leaves with the shapes, dtypes and shardings that
+        :meth:`load` gives the weights."""
+        return checkpoint.abstract_with_shardings(
+            self.cfg, checkpoint.np_dtype(self.param_dtype(dtype)), mesh)
+
+    def load(self, dtype: str | None = None, mesh=None, with_tokenizer: bool = True,
+             progress: bool = False) -> Student:
+        """:func:`load_student` of these files."""
+        path = self.path
+        if self.meta is not None:
+            stored = self.meta["param_dtype"]
+            abstract = checkpoint.abstract_with_shardings(self.cfg, checkpoint.np_dtype(stored), mesh)
+            # cast leaf by leaf while restoring: never two copies of the whole tree
+            params = checkpoint.restore_params(path / "params", abstract,
+                                               dtype if dtype and dtype != stored else None)
+            tok = self.tokenizer() if with_tokenizer else None
+            hf = checkpoint.read_hf_config_of(path)
+            return Student(self.cfg, params, tok, hf, str(path), self.param_dtype(dtype))
+        source = self.source
+        dtype = self.param_dtype(dtype)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(source.names), desc="reading tensors", unit="tensor")
+        params = params_from_tensors(
+            self.cfg, source.get, source.names, checkpoint.np_dtype(dtype), source.describe(),
+            place=placer(mesh), progress=bar.update if bar else None,
+        )
+        if bar:
+            bar.close()
+        tok = self.tokenizer() if with_tokenizer else None
+        return Student(self.cfg, params, tok, source.hf_config, str(path), dtype)
+
+
+def open_student(path: str | Path | None = DEFAULT_STUDENT) -> StudentFiles:
+    """Open the student at ``path`` (as :func:`load_student` takes it) without reading its
+    weights or tokenizer."""
+    path = resolve_path(path)
+    if not path.exists():
+        raise ScasError(f"{path}: no such file or directory")
+    if checkpoint.is_converted(path):
+        meta = checkpoint.read_meta(path)
+        return StudentFiles(path, ModelConfig.from_dict(meta["model_config"]), meta, None)
+    source = open_source(path)
+    return StudentFiles(path, config_from_hf(source.hf_config, where=source.config_where), None, source)
+
+
 def load_student(
     path: str | Path | None = DEFAULT_STUDENT,
     dtype: str | None = None,
@@ -55,35 +127,4 @@ def load_student(
     ``dtype`` casts parameters (``float32``/``bfloat16``); default: the stored dtype for a
     converted directory, float32 otherwise.
     """
-    path = resolve_path(path)
-    if not path.exists():
-        raise ScasError(f"{path}: no such file or directory")
-    if checkpoint.is_converted(path):
-        meta = checkpoint.read_meta(path)
-        cfg = ModelConfig.from_dict(meta["model_config"])
-        stored = meta["param_dtype"]
-        abstract = checkpoint.abstract_with_shardings(cfg, checkpoint.np_dtype(stored), mesh)
-        # cast leaf by leaf while restoring: never two copies of the whole tree
-        params = checkpoint.restore_params(path / "params", abstract,
-                                           dtype if dtype and dtype != stored else None)
-        tok = load_tokenizer(path) if with_tokenizer else None
-        hf = checkpoint.read_hf_config_of(path)
-        return Student(cfg, params, tok, hf, str(path), dtype or stored)
-    source = open_source(path)
-    cfg = config_from_hf(source.hf_config, where=source.config_where)
-    dtype = dtype or "float32"
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(source.names), desc="reading tensors", unit="tensor")
-    params = params_from_tensors(
-        cfg, source.get, source.names, checkpoint.np_dtype(dtype), source.describe(),
-        place=placer(mesh), progress=bar.update if bar else None,
-    )
-    if bar:
-        bar.close()
-    tok = None
-    if with_tokenizer:
-        tok = load_tokenizer(path if path.is_dir() else path.parent, source)
-    return Student(cfg, params, tok, source.hf_config, str(path), dtype)
+    return open_student(path).load(dtype, mesh, with_tokenizer, progress)

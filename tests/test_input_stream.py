@@ -276,13 +276,13 @@ def test_score_holds_no_pool_rows_and_names_a_file_changed_while_read(tiny_llama
     files = seen[0].files
     assert m["rows"] == sum(f.n_kept for f in files) > 0 and all(f.rows == [] for f in files)
 
-    real_load = commands._load
+    real_tokenizer = commands._tokenizer
 
-    def load_then_edit(req, plan):
+    def edit_then_tokenizer(*a):  # between validation and the rows' second read
         with open(pool / f"{TEACHERS[1]}.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"id": "new", "instruction": "1+1?", "teacher_output": "2"}) + "\n")
-        return real_load(req, plan)
+        return real_tokenizer(*a)
 
-    monkeypatch.setattr(commands, "_load", load_then_edit)
+    monkeypatch.setattr(commands, "_tokenizer", edit_then_tokenizer)
     with pytest.raises(ScasError, match=rf"{TEACHERS[1]}.jsonl: changed while being read"):
         commands.score(tiny_llama, pool, tmp_path / "out2", **kw)

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from scas_jax.data.packing import first_fit, plan_batches
+from scas_jax.data.packing import first_fit, plan_batches, tail_rows
 
 
 def _row_by_row(sizes, capacity, max_segments):
@@ -56,3 +56,23 @@ def test_plan_of_a_large_pool():
         assert len(p.rows) % 8 == 0
         assert all(sum(lengths[i] for i in r) <= p.length and len(r) <= 16 for r in p.rows)
     assert {p.length for p in plans} == {1024}
+
+
+def test_last_batch_of_a_bucket_has_the_fewest_rows_that_hold_it():
+    """Full batches of ``per_batch`` rows; each bucket's last batch has the smallest
+    ``row_multiple * {1, 2, 3, 4, 6, 8, 12, ...}`` rows holding its rows: never more
+    than a third empty past two row groups, and few shapes per bucket."""
+    assert [tail_rows(r, 16) for r in range(1, 17)] == [1, 2, 3, 4, 6, 6, 8, 8] + [12] * 4 + [16] * 4
+    assert [tail_rows(r, 12, 4) for r in (1, 4, 5, 8, 9, 12)] == [4, 4, 8, 8, 12, 12]
+    assert tail_rows(40, 48) == 48 and tail_rows(17, 20) == 20  # never past a full batch
+    assert sorted({tail_rows(r, 64) for r in range(1, 65)}) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+    for n_rows, row_multiple, want in ((9, 1, [4, 4, 1]), (10, 1, [4, 4, 2]), (11, 1, [4, 4, 3]),
+                                        (5, 2, [4, 2]), (2, 1, [2])):
+        lengths = [1000] * n_rows  # one sequence a 1024-token row
+        plans = plan_batches(lengths, max_length=1024, batch_tokens=4096, row_multiple=row_multiple)
+        assert [len(p.rows) for p in plans] == want
+        assert sorted(i for p in plans for i in p.items) == list(range(n_rows))
+        assert all(len(p.rows) % row_multiple == 0 for p in plans)
+    lengths = [3000] * 3 + [1000] * 5  # two buckets, each with its own last batch
+    plans = plan_batches(lengths, max_length=4096, batch_tokens=8192)
+    assert [(p.length, len(p.rows)) for p in plans] == [(1024, 6), (4096, 2), (4096, 1)]

@@ -194,12 +194,46 @@ def test_compilations_bounded_by_buckets(tiny_students):
     assert len(prepared.plans) > len(buckets)
     fn = compiled_stats(st.cfg, cfg.max_segments, cfg.target_layer, cfg.dtype, cfg.attn_impl,
                         cfg.vocab_chunk)
+    shapes = {(len(p.rows), p.length) for p in prepared.plans}
+    assert len(shapes) < len(prepared.plans)
     assert compilations(fn) == 0
     out = score_rows(st.params, st.cfg, st.tokenizer, rows, cfg)
     assert all(ERROR_FIELD not in f and f["answer_mean_nll"] > 0 for f in out)
-    assert compilations(fn) == len(buckets)  # one compilation per bucket, not per length/batch
-    score_rows(st.params, st.cfg, st.tokenizer, rows[:5], cfg)
-    assert compilations(fn) == len(buckets)  # and none again on the next call
+    # one compilation per batch shape (a bucket's full batches and its smaller last
+    # one, compiled ahead in the background), not per length or batch
+    assert compilations(fn) == len(shapes)
+    score_rows(st.params, st.cfg, st.tokenizer, rows, cfg)
+    assert compilations(fn) == len(shapes)  # and none again on the next call
+
+
+def test_command_compiles_for_the_weights_it_reads_while_reading_them(tiny_llama_dir, tmp_path):
+    """``score`` with a student path compiles the first batch's program for the weights'
+    abstract shapes while a thread reads them: the real weights then hit that program
+    (one compilation per batch shape in all, for a Hugging Face directory and for its
+    converted checkpoint), and the scores equal those of an already loaded student."""
+    from scas_jax.convert.commands import convert
+    from scas_jax.loader import load_student, open_student
+
+    rows = gsm8k("human_reference", 11)
+    pool = write_pool(tmp_path / "pool", {"a.jsonl": rows})
+    converted = convert(tiny_llama_dir, tmp_path / "converted")
+    kw = dict(mesh=one_device_mesh(), batch_tokens=2048, max_length=1024, max_segments=5,
+              progress=False)  # max_segments=5: this test's own jit cache entry
+    want = None
+    for i, student in enumerate((tiny_llama_dir, converted)):
+        files = open_student(student)
+        d = ScoreConfig()
+        fn = compiled_stats(files.cfg, 5, d.target_layer, "float32", "auto", d.vocab_chunk)
+        m = score(student, pool, tmp_path / f"out{i}", **kw)
+        shapes = {tuple(s) for s in m["compiled_shapes"]}
+        assert len(shapes) == 2  # full batches and the smaller last one
+        assert compilations(fn) == len(shapes), student  # none for a mismatched signature
+        got = read_jsonl(tmp_path / f"out{i}" / "a_scas_scores.jsonl")
+        if want is None:
+            m2 = score(load_student(tiny_llama_dir), pool, tmp_path / "loaded", **kw)
+            assert m2["compiled_shapes"] == m["compiled_shapes"]
+            want = read_jsonl(tmp_path / "loaded" / "a_scas_scores.jsonl")
+        assert got == want
 
 
 # ------------------------------------------------------------------ SmolLM2 through the command

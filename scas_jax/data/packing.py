@@ -4,7 +4,10 @@ Each sequence goes to the smallest *bucket* length that holds it; within a bucke
 sequences are packed first-fit-decreasing into rows (at most ``max_segments`` per
 row; :func:`first_fit`, ``O(n log n)``), and rows are grouped into batches of ``batch_tokens // bucket`` rows (rounded
 up to ``row_multiple``, e.g. the mesh's data-parallel size). Every batch of a bucket
-has the same shape, so the jitted scorer compiles at most once per bucket.
+has the same shape except the bucket's last, which has the fewest rows of the form
+``row_multiple * {1, 2, 3, 4, 6, 8, 12, ...}`` that hold its rows (:func:`tail_rows`),
+so the jitted scorer compiles a few shapes per bucket, not one per batch, and a short
+last batch does not run a full batch of empty rows (docs/benchmarks.md).
 
 The plan depends only on the sequence lengths and the settings, never on timing, so a
 resumed run re-creates exactly the same batches.
@@ -77,6 +80,28 @@ def first_fit(sizes: Sequence[int], capacity: int, max_segments: int) -> list[li
     return rows
 
 
+def tail_rows(rows: int, per_batch: int, row_multiple: int = 1) -> int:
+    """Rows of a bucket's last batch holding ``rows`` real rows (``1 <= rows <=
+    per_batch``): the smallest ``row_multiple * m`` with ``m`` in 1, 2, 3, 4, 6, 8, 12,
+    ... (``2**k`` or ``3 * 2**k``) that is at least ``rows``, and at most ``per_batch``
+    (a multiple of ``row_multiple``). So a last batch is at most a third empty rows
+    (a half with one or two row groups) and a bucket has at most ``2 * log2(per_batch
+    / row_multiple) + 1`` batch shapes however many rows its runs end with."""
+    groups = -(-rows // row_multiple)
+    m = next(m for m in _row_groups() if m >= groups)
+    return min(m * row_multiple, per_batch)
+
+
+def _row_groups():
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ... (``2**k`` and ``3 * 2**k``)."""
+    yield 1
+    k = 2
+    while True:
+        yield k
+        yield k * 3 // 2
+        k *= 2
+
+
 def plan_batches(
     lengths: Sequence[int],
     *,
@@ -103,7 +128,7 @@ def plan_batches(
         per_batch = -(-per_batch // row_multiple) * row_multiple
         for k in range(0, len(rows), per_batch):
             chunk = [tuple(r) for r in rows[k : k + per_batch]]
-            chunk += [()] * (per_batch - len(chunk))
+            chunk += [()] * (tail_rows(len(chunk), per_batch, row_multiple) - len(chunk))
             plans.append(BatchPlan(b, tuple(chunk)))
     return plans
 

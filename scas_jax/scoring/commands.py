@@ -368,31 +368,37 @@ def _pool_summary_dict(summary) -> dict:
 # ---------------------------------------------------------------- 3. load
 
 
-def _load(req: Request, plan: Plan):
-    """``(Student, params on the mesh in the run's dtype)``; the model is read only now."""
+def _tokenizer(req: Request, files):
+    """The student's tokenizer with the run's chat template, read before the weights
+    (``files``: the opened student, None for an already loaded one)."""
+    from scas_jax.data.chat import with_chat_template
+
+    tok = req.student.tokenizer if files is None else files.tokenizer()
+    source = req.student.source if files is None else str(files.path)
+    if tok is None:
+        raise ScasError(f"student {source}: no tokenizer found beside the checkpoint")
+    return with_chat_template(tok, req.chat_template, name=source)
+
+
+def _load(req: Request, plan: Plan, files, tokenizer):
+    """``(Student, params on the mesh in the run's dtype)``: the weights are read only now
+    (``files``: the opened student, None for an already loaded one)."""
     import jax
 
-    from scas_jax.loader import load_student
     from scas_jax.models.decoder import parse_tap
     from scas_jax.parallel import shard_params
 
     dtype = req.cfg.dtype
-    if req.student is not None:
+    if files is None:
         st = req.student
         params = shard_params(st.params, plan.mesh)
         if dtype != st.param_dtype:
             params = jax.tree.map(lambda x: x.astype(jax.numpy.dtype(dtype)), params)
     else:
-        st = load_student(req.student_path, dtype=dtype, mesh=plan.mesh)
+        st = files.load(dtype, mesh=plan.mesh, with_tokenizer=False)
         params = st.params
-    if st.tokenizer is None:
-        raise ScasError(f"student {st.source}: no tokenizer found beside the checkpoint")
     parse_tap(req.cfg.target_layer, st.cfg.num_layers)
-    from scas_jax.data.chat import with_chat_template
-
-    st = dataclasses.replace(st, tokenizer=with_chat_template(st.tokenizer, req.chat_template,
-                                                              name=str(st.source)))
-    return st, params
+    return dataclasses.replace(st, tokenizer=tokenizer), params
 
 
 # ---------------------------------------------------------------- 4. run
@@ -489,17 +495,41 @@ def _open_journal(req: Request, plan: Plan, prepared, divisor: int, sink=None):
     return journal, stale
 
 
-def _run(req: Request, plan: Plan, st, params, stream: bool = True) -> Run:
-    """Tokenize and plan once, then score every batch the journal does not list yet.
+def _run(req: Request, plan: Plan, stream: bool = True):
+    """Tokenize and plan once, then score every batch the journal does not list yet;
+    returns ``(Run, Student, params)``.
 
+    The weights are read in a background thread while the rows are tokenized and the
+    first batch's program compiles for the weights' abstract shapes (one process; with
+    several, loading's collectives and the journal's run in order on the main thread).
     ``stream``: the input stage of :func:`scorer.prepare_stream` (one pass keeping
     per-row numbers, token ids spilled to an unlinked file in the output directory,
     each batch rebuilt from its rows only); else :func:`scorer.prepare` (every row's
     arrays in memory; ``--per-token`` needs them). Same plan, digest and scores."""
+    import concurrent.futures as cf
+
+    import jax
+
+    from scas_jax.loader import open_student
+
+    files = None if req.student is not None else open_student(req.student_path)
+    tokenizer = _tokenizer(req, files)
+    if jax.process_count() > 1 or files is None:
+        loaded = _load(req, plan, files, tokenizer)
+        return _score_batches(req, plan, tokenizer, stream, lambda: loaded)
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scas-load") as pool:
+        loading = pool.submit(_load, req, plan, files, tokenizer)
+        return _score_batches(req, plan, tokenizer, stream, loading.result, files)
+
+
+def _score_batches(req: Request, plan: Plan, tokenizer, stream: bool, weights, files=None):
+    """:func:`_run`'s body. ``weights()`` gives ``(Student, params)``; it is called once
+    the batches are planned and, with ``files``, the first batch's program compiled for
+    ``files``' abstract weights."""
     from tqdm import tqdm
 
     from scas_jax.parallel import batch_divisor, is_main_process
-    from scas_jax.scoring.scorer import iter_scored_batches, prepare, prepare_stream
+    from scas_jax.scoring.scorer import iter_scored_batches, precompile, prepare, prepare_stream
 
     divisor = batch_divisor(plan.mesh)
     t0 = time.time()
@@ -507,17 +537,21 @@ def _run(req: Request, plan: Plan, st, params, stream: bool = True) -> Run:
     if stream:
         req.output_dir.mkdir(parents=True, exist_ok=True)
         rows = (c.row for _, c in _iter_items(req, plan.todo))
-        prepared = prepare_stream(rows, st.tokenizer, req.cfg, row_multiple=divisor,
+        prepared = prepare_stream(rows, tokenizer, req.cfg, row_multiple=divisor,
                                   spill_dir=req.output_dir)
     else:
         items = list(_iter_items(req, plan.todo))
-        prepared = prepare([c.row for _, c in items], st.tokenizer, req.cfg,
+        prepared = prepare([c.row for _, c in items], tokenizer, req.cfg,
                            row_multiple=divisor)
     t_prep = time.time() - t0
     fields = FieldColumns(len(prepared))
     journal, stale = _open_journal(req, plan, prepared, divisor, sink=fields.put)
     n_batches = len(prepared.plans)
     done = _agree_on_done(journal, n_batches)
+    if files is not None:
+        precompile(files.abstract_params(req.cfg.dtype, plan.mesh), files.cfg, prepared,
+                   req.cfg, plan.mesh, skip=done.__contains__)
+    st, params = weights()
     lengths = prepared.length
     main = is_main_process()
     bar = tqdm(total=sum(len(p.items) for p in prepared.plans),
@@ -548,9 +582,10 @@ def _run(req: Request, plan: Plan, st, params, stream: bool = True) -> Run:
         journal.close()
         if stream:
             prepared.close()  # the spill file; errors and lengths stay readable
-    return Run(items=items, prepared=prepared, fields=fields, journal=journal,
-               fingerprint=journal.fingerprint, stale_journals=stale, tokenize_time_s=t_prep,
-               scoring_time_s=time.time() - t_loop, new_tokens=new_tokens, new_rows=new_rows)
+    run = Run(items=items, prepared=prepared, fields=fields, journal=journal,
+              fingerprint=journal.fingerprint, stale_journals=stale, tokenize_time_s=t_prep,
+              scoring_time_s=time.time() - t_loop, new_tokens=new_tokens, new_rows=new_rows)
+    return run, st, params
 
 
 def _iter_items(req: Request, files) -> Iterator[tuple[str, Any]]:
@@ -765,8 +800,7 @@ def score(
         manifest.update(_NOTHING_SCORED, wall_time_s=round(time.time() - t_start, 3))
         _write(req, plan, manifest, {})
         return manifest
-    st, params = _load(req, plan)
-    run = _run(req, plan, st, params, stream=STREAM_INPUT and not per_token)
+    run, st, params = _run(req, plan, stream=STREAM_INPUT and not per_token)
     per_teacher = _teacher_rows(req, plan, run, manifest)
     manifest.update(_totals(req, run, t_start))
     if per_token:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
+import threading
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
@@ -300,6 +301,36 @@ def _rows_of(plan: BatchPlan, rows: slice, seqs: dict[int, dict]) -> dict[str, n
     return {k: v.astype(np.asarray(ref[k]).dtype) if k in ref else v for k, v in part.items()}
 
 
+def _build(prepared: Prepared, k: int, mesh=None) -> dict:
+    """Batch ``k``'s arrays, built from its own items only (a bounded window for a
+    :class:`StreamPrepared`): host arrays without a mesh, else global arrays sharded over
+    the mesh's batch axes."""
+    plan = prepared.plans[k]
+    seqs = prepared.seqs_for(plan.items)
+    if mesh is None:
+        return materialise(plan, seqs, _SEQ_KEYS)
+    from scas_jax.parallel import global_rows
+
+    return global_rows(mesh, len(plan.rows), lambda rows: _rows_of(plan, rows, seqs))
+
+
+def precompile(params, model_cfg, prepared: Prepared, cfg: ScoreConfig, mesh=None,
+               skip: Callable[[int], bool] = lambda k: False) -> None:
+    """Compile the scorer for the first batch :func:`iter_scored_batches` will run (the
+    others' shapes compile in the background while it runs). ``params`` may be abstract
+    (``jax.ShapeDtypeStruct`` leaves with the shardings the real ones will have, e.g.
+    :meth:`scas_jax.loader.StudentFiles.abstract_params`), so this can run while the
+    weights are read; a signature that differs from the real one only costs a second
+    compilation."""
+    todo = [k for k in range(len(prepared.plans)) if not skip(k)]
+    if not todo:
+        return
+    fn = compiled_stats(model_cfg, cfg.max_segments, cfg.target_layer, cfg.dtype,
+                        cfg.attn_impl, cfg.vocab_chunk)
+    with matmul_precision(cfg.dtype):
+        executable(fn, params, _build(prepared, todo[0], mesh))
+
+
 def iter_scored_batches(
     params: dict,
     model_cfg,
@@ -319,14 +350,8 @@ def iter_scored_batches(
         with matmul_precision(cfg.dtype):
             return executable(fn, params, batch)(params, batch)
 
-    def build(k):  # only this batch's items' arrays: a bounded window (StreamPrepared)
-        plan = prepared.plans[k]
-        seqs = prepared.seqs_for(plan.items)
-        if mesh is None:
-            return materialise(plan, seqs, _SEQ_KEYS)
-        from scas_jax.parallel import global_rows
-
-        return global_rows(mesh, len(plan.rows), lambda rows: _rows_of(plan, rows, seqs))
+    def build(k):
+        return _build(prepared, k, mesh)
 
     def finish(k, out):
         from scas_jax.parallel import to_host
@@ -341,7 +366,12 @@ def iter_scored_batches(
         fields = fields_from_batch(flat, cfg.lambda_scas)
         return k, [(item, f) for (_, item), f in zip(slots, fields)]
 
-    with cf.ThreadPoolExecutor(max_workers=1) as pool:
+    def compile_ahead(k):  # traced as run() traces it, from a real batch of that shape
+        with matmul_precision(cfg.dtype):
+            executable(fn, params, build(k))
+
+    with cf.ThreadPoolExecutor(max_workers=1) as pool, \
+            cf.ThreadPoolExecutor(max_workers=1) as compiler:
         nxt = pool.submit(build, todo[0]) if todo else None
         pending = None
         for idx, k in enumerate(todo):
@@ -349,11 +379,24 @@ def iter_scored_batches(
             if idx + 1 < len(todo):
                 nxt = pool.submit(build, todo[idx + 1])
             out = run(batch)  # async dispatch
+            if idx == 0:  # the other shapes compile while the first batch runs
+                for later in _first_of_each_shape(prepared.plans, todo)[1:]:
+                    compiler.submit(compile_ahead, later)  # a failure resurfaces in run()
             if pending is not None:
                 yield finish(*pending)
             pending = (k, out)
         if pending is not None:
             yield finish(*pending)
+
+
+def _first_of_each_shape(plans: Sequence[BatchPlan], todo: Sequence[int]) -> list[int]:
+    """The first batch (in ``todo`` order) of each distinct ``(rows, length)``: the other
+    shapes (a bucket's smaller last batch, longer buckets) compile in the background
+    while the first shape's batches run."""
+    first: dict[tuple[int, int], int] = {}
+    for k in todo:
+        first.setdefault((len(plans[k].rows), plans[k].length), k)
+    return list(first.values())
 
 
 def score_rows(
@@ -381,7 +424,8 @@ def score_rows(
     return out  # type: ignore[return-value]
 
 
-_EXECUTABLES: dict = {}
+_EXECUTABLES: dict = {}  # signature -> Future of the compiled executable
+_EXECUTABLES_LOCK = threading.Lock()
 
 
 def _signature(tree) -> tuple:
@@ -397,14 +441,27 @@ def executable(fn, params, batch):
     Compiled ahead of time, once per signature for the whole process; after each
     compilation the compiler's scratch memory goes back to the OS before anything runs,
     so the compiler's and the first run's peaks never add up (-80 MB on an 8k-token
-    SmolLM2 pass).
+    SmolLM2 pass). Thread-safe: a caller asking for a signature another thread is
+    compiling waits for that compilation (a failed one raises in every waiter and is
+    tried again by the next caller).
     """
     key = (fn, _signature(params), _signature(batch))
-    if key not in _EXECUTABLES:
-        with mesh_context(batch):  # the forward attention splits rows by it
-            _EXECUTABLES[key] = fn.lower(params, batch).compile()
+    with _EXECUTABLES_LOCK:
+        fut = _EXECUTABLES.get(key)
+        mine = fut is None
+        if mine:
+            fut = _EXECUTABLES[key] = cf.Future()
+    if mine:
+        try:
+            with mesh_context(batch):  # the forward attention splits rows by it
+                fut.set_result(fn.lower(params, batch).compile())
+        except BaseException as e:
+            with _EXECUTABLES_LOCK:
+                del _EXECUTABLES[key]
+            fut.set_exception(e)
+            raise
         release_host_memory()
-    return _EXECUTABLES[key]
+    return fut.result()
 
 
 def compilations(fn) -> int:
