@@ -250,9 +250,17 @@ def test_tap_fn_reduces_the_tap_inside_its_layer(loaded, monkeypatch, name, laye
     def reduce(a):  # [b, t, width] -> per-row sums
         return {"sum": a.sum(1), "weighted": jnp.einsum("btd,t->bd", a, w)}
 
+    kinds = set()
+
+    def reduce_either(a):  # a SwiGLU layer's up_proj tap comes factored: x @ w
+        kinds.add(type(a).__name__)
+        return reduce(a.x @ a.w if isinstance(a, layers.FactoredUp) else a)
+
     hidden, full = jax.jit(lambda p: decoder.decode(p, st.cfg, ids, pos, seg, taps))(st.params)
     got_h, got = jax.jit(lambda p: decoder.decode(p, st.cfg, ids, pos, seg, taps,
-                                                  tap_fn=lambda n, a: reduce(a)))(st.params)
+                                                  tap_fn=lambda n, a: reduce_either(a)))(st.params)
+    swiglu_mlp = st.cfg.hidden_act != "gelu_tanh" and not st.cfg.mlp_bias
+    assert ("FactoredUp" in kinds) == swiglu_mlp
     np.testing.assert_allclose(np.asarray(got_h), np.asarray(hidden), atol=1e-5, rtol=1e-5)
     for name_ in taps:
         want = jax.jit(reduce)(full[name_])
@@ -260,6 +268,24 @@ def test_tap_fn_reduces_the_tap_inside_its_layer(loaded, monkeypatch, name, laye
         for k in ("sum", "weighted"):
             np.testing.assert_allclose(np.asarray(got[name_][k]), np.asarray(want[k]),
                                        atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_swiglu_up_norms_is_swiglu_without_the_up_activation(monkeypatch):
+    """The factored tap's pieces: the same output as :func:`layers.swiglu` and each row's
+    squared ``up`` norm, in one piece and in token chunks."""
+    from scas_jax.models import layers
+
+    r = np.random.default_rng(6)
+    x = jnp.asarray(r.normal(size=(2, 20, 16)), jnp.float32)
+    wg, wu = (jnp.asarray(r.normal(size=(16, 40)), jnp.float32) for _ in range(2))
+    wd = jnp.asarray(r.normal(size=(40, 16)), jnp.float32)
+    for chunk in (1024, 8):  # one piece; 5 chunks with a padded last one
+        monkeypatch.setattr(layers, "MLP_TOKEN_CHUNK", chunk)
+        out, up = layers.swiglu(x, wg, wu, wd)
+        got, sq = layers.swiglu_up_norms(x, wg, wu, wd)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(out), rtol=1e-6, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(sq), np.asarray(jnp.sum(up * up, -1)), rtol=1e-6)
+        assert sq.shape == (2, 20) and sq.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("name", ["llama_rope_scaling_untied", "qwen3_qknorm_tied", "gemma3_local_global"])

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -181,6 +182,37 @@ def test_same_scores_on_1_and_8_devices_budgets_and_packing(tiny_students, varie
     assert max(len(r) for p in pp.plans for r in p.rows) >= 2  # short rows share a row
     got = _metric_matrix(score_rows(st.params, st.cfg, tok, varied_rows, bucketed, mesh=one))
     np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-7)  # not bitwise: another program
+
+
+def test_factored_tap_gives_the_unit_row_sums():
+    """``unit_tap_stats`` of a FactoredUp (the tapped activation ``x @ w`` never made)
+    equals ``tap_stats`` of the unit rows of ``x @ w``, a zero row included, and is the
+    same bit for bit whether a row is scored alone or beside others (one product a row:
+    a GEMM's rows depend on how many rows it has)."""
+    from scas_jax.models.layers import FactoredUp
+    from scas_jax.scoring.core import l2_normalise, tap_stats, unit_tap_stats
+
+    r = np.random.default_rng(7)
+    b, t, d, f, segs = 3, 12, 8, 20, 4
+    x = r.normal(size=(b, t, d)).astype(np.float32)
+    x[1, 5] = 0.0  # a zero row: its unit row is 0, as l2_normalise makes it
+    w = r.normal(size=(d, f)).astype(np.float32)
+    seg = np.repeat(np.arange(1, segs + 1), t // segs)[None].repeat(b, 0).astype(np.int32)
+    seg[2, -3:] = 0  # padding
+    q = (np.arange(t) % 3 == 0)[None].repeat(b, 0)
+    batch = {"segment_ids": jnp.asarray(seg), "question_mask": jnp.asarray(q),
+             "answer_mask": jnp.asarray(~q & (seg > 0))}
+    up = jnp.asarray(x) @ jnp.asarray(w)
+    want = tap_stats(l2_normalise(up), batch, max_segments=segs)
+    fac = FactoredUp(jnp.asarray(x), jnp.asarray(w), jnp.sum(up * up, -1))
+    fn = jax.jit(lambda a, bt: unit_tap_stats(a, bt, max_segments=segs))
+    got = fn(fac, batch)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-6, atol=1e-6)
+    one = fn(FactoredUp(fac.x[1:2], fac.w, fac.sqnorm[1:2]),
+             {k: v[1:2] for k, v in batch.items()})
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(one[k]), np.asarray(got[k])[1:2])
 
 
 def test_compilations_bounded_by_buckets(tiny_students):

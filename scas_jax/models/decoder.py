@@ -96,8 +96,12 @@ def decode(
         is carried through the layer scan: each layer runs under a ``lax.cond``, the
         tapped layer's branch reducing its tap and every other layer's leaving the
         ``mlp.up_proj`` activation unmade (an 8k-token SmolLM2 scoring pass: 219 -> 174
-        MiB of XLA scratch). The reduction sees the whole activation, so its result
-        does not depend on how many rows or devices share the batch. Forward passes.
+        MiB of XLA scratch). An ``mlp.up_proj`` tap reaches ``tap_fn`` as a
+        :class:`~scas_jax.models.layers.FactoredUp` where the MLP is a plain SwiGLU, so
+        the tapped layer does not make it either (174 -> 126 MiB), and as the activation
+        otherwise; ``tap_fn`` must take both. The reduction sees the whole activation,
+        so its result does not depend on how many rows or devices share the batch.
+        Forward passes.
     Returns:
       (final normed hidden states ``[batch, seq, d_model]``, {tap name: activation, or
       ``tap_fn``'s value}).
@@ -106,9 +110,9 @@ def decode(
     rope = rope_for_layers(cfg, positions)
     windows, local = layer_xs(cfg, positions)
 
-    def run_one(p, x, window, is_local):
+    def run_one(p, x, window, is_local, factored_up=False):
         cos, sin = rope(is_local)
-        return layer.apply({"params": p}, x, cos, sin, segment_ids, window)
+        return layer.apply({"params": p}, x, cos, sin, segment_ids, window, factored_up)
 
     if remat:
         run_one = jax.checkpoint(run_one)
@@ -141,8 +145,8 @@ def decode(
             h, up = run_one(p, h, window, is_local)
             return (h, keep(i, h, up, bufs, lambda n, v: v)), None
 
-        def tapped(h, bufs):
-            h, up = run_one(p, h, window, is_local)
+        def tapped(h, bufs):  # `up` as a FactoredUp where the MLP allows (tap_fn takes both)
+            h, up = run_one(p, h, window, is_local, factored_up=True)
             return h, keep(i, h, up, bufs, tap_fn)
 
         def plain(h, bufs):  # `up` unused: never made

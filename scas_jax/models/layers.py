@@ -9,6 +9,7 @@ permutation is ever needed for safetensors checkpoints.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -205,16 +206,46 @@ def swiglu(x, w_gate, w_up, w_down):
     transposes the ``[tokens, d_ff]`` gradients through slow strided fusions (1.5x
     slower here).
     """
+    return _by_token_chunks(lambda xc: _swiglu_plain(xc, w_gate, w_up, w_down), x)
+
+
+def _by_token_chunks(fn, x):
+    """``fn`` of ``x [..., d]`` :data:`MLP_TOKEN_CHUNK` tokens at a time (one piece when
+    there are no more): ``fn`` maps ``[tokens, d]`` to a tuple of ``[tokens, ...]``
+    arrays, and each comes back as ``[..., ...]`` over all of ``x``'s tokens."""
     lead, d = x.shape[:-1], x.shape[-1]
     n = math.prod(lead)
     if n <= MLP_TOKEN_CHUNK:
-        return _swiglu_plain(x, w_gate, w_up, w_down)
+        return tuple(y.reshape(*lead, *y.shape[1:]) for y in fn(x.reshape(n, d)))
     k = -(-n // MLP_TOKEN_CHUNK)
     xs = jnp.pad(x.reshape(n, d), ((0, k * MLP_TOKEN_CHUNK - n), (0, 0)))
-    out, up = jax.lax.map(lambda xc: _swiglu_plain(xc, w_gate, w_up, w_down),
-                          xs.reshape(k, MLP_TOKEN_CHUNK, d))
-    return (out.reshape(k * MLP_TOKEN_CHUNK, -1)[:n].reshape(*lead, -1),
-            up.reshape(k * MLP_TOKEN_CHUNK, -1)[:n].reshape(*lead, -1))
+    ys = jax.lax.map(fn, xs.reshape(k, MLP_TOKEN_CHUNK, d))
+    return tuple(y.reshape(k * MLP_TOKEN_CHUNK, *y.shape[2:])[:n].reshape(*lead, *y.shape[2:])
+                 for y in ys)
+
+
+class FactoredUp(NamedTuple):
+    """The ``mlp.up_proj`` activation ``x @ w`` left unmade: the layer's MLP input ``x
+    [..., d_model]``, the kernel ``w [d_model, d_ff]`` and every row's squared norm
+    ``sqnorm [...]`` (float32, from the product itself). A reduction that scales each
+    row by a function of its norm and sums rows (the SCAS tap's unit-row sums) is
+    ``(sum_t c_t x_t) @ w``, with no ``[tokens, d_ff]`` buffer."""
+
+    x: jax.Array
+    w: jax.Array
+    sqnorm: jax.Array
+
+
+def swiglu_up_norms(x, w_gate, w_up, w_down):
+    """:func:`swiglu`'s output and ``||x @ w_up||^2`` per token (float32) instead of the
+    ``up`` activation, chunked the same way, so no ``[tokens, d_ff]`` buffer is made
+    (the SCAS tap of an 8k-token SmolLM2 pass: 48 MiB less scratch). Forward only."""
+    def piece(xc):
+        out, up = _swiglu_plain(xc, w_gate, w_up, w_down)
+        u = up.astype(jnp.float32)
+        return out, jnp.sum(u * u, axis=-1)
+
+    return _by_token_chunks(piece, x)
 
 
 def _swiglu_fwd(x, w_gate, w_up, w_down):
@@ -259,8 +290,10 @@ class MLP(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
-        """``x [batch, seq, d_model]`` -> (out ``[batch, seq, d_model]``, up ``[batch, seq, d_ff]``)."""
+    def __call__(self, x, factored_up: bool = False):
+        """``x [batch, seq, d_model]`` -> (out ``[batch, seq, d_model]``, up ``[batch, seq,
+        d_ff]``); with ``factored_up`` (forward passes), the plain SwiGLU MLP gives a
+        :class:`FactoredUp` in place of ``up`` (the others still give ``up``)."""
         c = self.cfg
         d, f = c.hidden_size, c.intermediate_size
         if c.hidden_act == "gelu_tanh":  # Gemma: gelu_pytorch_tanh(gate) * up
@@ -275,7 +308,11 @@ class MLP(nn.Module):
             return _dense(d, True, self.dtype, self.param_dtype, "down_proj")(nn.silu(gate) * up), up
         ws = [_Kernel(shape, self.param_dtype, name=n)().astype(self.dtype)
               for n, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d)))]
-        return swiglu(x.astype(self.dtype), *ws)
+        x = x.astype(self.dtype)
+        if factored_up:
+            out, sqnorm = swiglu_up_norms(x, *ws)
+            return out, FactoredUp(x, ws[1], sqnorm)
+        return swiglu(x, *ws)
 
 
 class DecoderLayer(nn.Module):
@@ -287,7 +324,7 @@ class DecoderLayer(nn.Module):
     attn_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids, window=None):
+    def __call__(self, x, cos, sin, segment_ids, window=None, factored_up: bool = False):
         c = self.cfg
         norm = lambda n: norm_for(c, self.dtype, self.param_dtype, n)  # noqa: E731
         attn = Attention(c, self.dtype, self.param_dtype, self.attn_impl, name="self_attn")
@@ -295,8 +332,8 @@ class DecoderLayer(nn.Module):
         mlp = MLP(c, self.dtype, self.param_dtype, name="mlp")
         if c.sandwich_norms:  # Gemma: norms on both sides of the attention and of the MLP
             h = x + norm("post_attention_layernorm")(a)
-            mlp_out, up = mlp(norm("pre_feedforward_layernorm")(h))
+            mlp_out, up = mlp(norm("pre_feedforward_layernorm")(h), factored_up)
             return h + norm("post_feedforward_layernorm")(mlp_out), up
         h = x + a
-        mlp_out, up = mlp(norm("post_attention_layernorm")(h))
+        mlp_out, up = mlp(norm("post_attention_layernorm")(h), factored_up)
         return h + mlp_out, up

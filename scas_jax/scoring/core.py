@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import decode
+from scas_jax.models.layers import FactoredUp
 from scas_jax.models.loss import LOGIT_POSITIONS, VOCAB_TILE, next_token_nll
 
 DEFAULT_TAP = "layers.-1.mlp.up_proj"
@@ -120,6 +121,32 @@ def tap_stats(act: jax.Array, batch: dict, *, max_segments: int) -> dict[str, ja
     return out
 
 
+def unit_tap_stats(tap, batch: dict, *, max_segments: int) -> dict[str, jax.Array]:
+    """:func:`tap_stats` of the unit rows of ``tap``: an activation ``[B, T, d]`` (unit
+    rows by :func:`l2_normalise`), or a :class:`~scas_jax.models.layers.FactoredUp`
+    ``x @ w``, whose unit rows are never made: with ``c_t = 1 / max(||x_t w||, 1e-12)``
+    a segment's vector sum is ``(sum_t c_t x_t) @ w`` and its squared-norm sum
+    ``sum_t ||x_t w||^2 c_t^2`` (the same values to float32 rounding)."""
+    if not isinstance(tap, FactoredUp):
+        return tap_stats(l2_normalise(tap), batch, max_segments=max_segments)
+    sq_norm = tap.sqnorm.astype(jnp.float32)  # [B, T]
+    inv = 1.0 / jnp.maximum(jnp.sqrt(sq_norm), 1e-12)
+    onehot = segment_onehot(batch["segment_ids"], max_segments)  # [B,T,S]
+    x, w = tap.x.astype(jnp.float32), tap.w.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    out = {}
+    for side, m, _ in _SIDES:
+        mask = batch[m].astype(bool)
+        out[f"{side}_sqnorm_sum"] = _per_seg(onehot, mask, sq_norm * inv * inv)
+        weighted = jnp.einsum("bts,btd->bsd", onehot * jnp.where(mask, inv, 0.0)[..., None], x,
+                              precision=hi)
+        # a batched product, one [S, d] @ [d, f] per row: a GEMM's rows depend on how many
+        # rows it has, so one product over all rows would change with the devices
+        per_row = jnp.broadcast_to(w, (weighted.shape[0],) + w.shape)
+        out[f"{side}_vec_sum"] = jnp.einsum("bsd,bdf->bsf", weighted, per_row, precision=hi)
+    return out
+
+
 def sequence_stats(
     params: dict,
     batch: dict,
@@ -133,7 +160,9 @@ def sequence_stats(
 ) -> dict[str, jax.Array]:
     """Sufficient statistics of every packed sequence: :func:`segment_stats` of
     :func:`token_outputs`, with the tap reduced inside its layer (``decode``'s
-    ``tap_fn``): the unit tap rows ``[batch, seq, d_tap]`` are never carried or returned.
+    ``tap_fn``, :func:`unit_tap_stats`): the unit tap rows ``[batch, seq, d_tap]`` are
+    never made (an ``mlp.up_proj`` tap of a SwiGLU MLP: nor the activation), carried or
+    returned.
 
     Args:
       batch: ``BATCH_KEYS`` arrays, each ``[batch, seq]``. Masks are booleans; segment
@@ -145,7 +174,7 @@ def sequence_stats(
     tokens, seg = batch["tokens"], batch["segment_ids"]
     hidden, reduced = decode(
         params, cfg, tokens, batch["positions"], seg, (tap,), dtype=dtype, attn_impl=attn_impl,
-        tap_fn=lambda _, a: tap_stats(l2_normalise(a), batch, max_segments=max_segments))
+        tap_fn=lambda _, a: unit_tap_stats(a, batch, max_segments=max_segments))
     nll = next_token_nll(params, cfg, hidden, tokens, vocab_chunk, VOCAB_TILE)  # [B, T] f32
     return {**nll_stats(nll, batch, max_segments=max_segments), **reduced[tap]}
 
