@@ -326,3 +326,39 @@ def test_blockwise_forward_rows_fall_back_when_the_batch_does_not_split():
     with jax.set_mesh(make_mesh("data=8")):
         got = jax.jit(lambda *a: A.blockwise_attention(*a, None, 16))(q, k, v, seg)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(A._flash_forward_heads(q, k, v, seg, None, 16)))
+
+
+def test_blockwise_forward_row_by_row_on_a_single_device_without_a_mesh():
+    """A process with one device and no mesh in context (``score_rows`` without a mesh on
+    a CPU host) runs the forward pass row by row too: the values of all rows together
+    and of the dense reference (another program: to float32 rounding). Run in a fresh
+    interpreter (this one has 8 devices)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        import jax, numpy as np
+        sys.path.insert(0, {tests!r})
+        from test_attention_kernels import _packed_rows
+        import scas_jax.models.attention as A
+        assert jax.device_count() == 1
+        calls = []
+        rows = A._flash_forward_rows
+        A._flash_forward_rows = lambda *a: calls.append(1) or rows(*a)
+        q, k, v, seg = _packed_rows()
+        got = jax.jit(lambda *a: A.blockwise_attention(*a, None, 16))(q, k, v, seg)
+        together = jax.jit(lambda *a: A._flash_forward_heads(*a, None, 16))(q, k, v, seg)
+        dense = A.xla_attention(q, k, v, seg, None)
+        real = np.asarray(seg) > 0
+        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(together)[real], atol=1e-6, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(dense)[real], atol=2e-6, rtol=2e-5)
+        assert calls, "not row by row"
+        print("ok")
+    """).format(tests=os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

@@ -232,11 +232,15 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
     there, so no device gathers another's rows. Without a context mesh (or where the
     batch does not split over its batch axes) all rows go together
     (:func:`_flash_forward_heads`): a loop over a batch axis that XLA has sharded would
-    gather the whole batch on every device. SmolLM2, packed 4 x 1,024 GSM8K rows, a
+    gather the whole batch on every device; except in a process that sees one device
+    in all, where nothing can be sharded and the rows go one by one again (the library
+    scorer called without a mesh on a CPU host). SmolLM2, packed 4 x 1,024 GSM8K rows, a
     layer's attention (tiles of 32): 18 ms row by row against 32 ms all rows together
     on the AVX-512 build machine (docs/benchmarks.md)."""
     axes = _row_axes(jax.sharding.get_abstract_mesh(), q.shape[0], q.shape[2], k.shape[2])
     if axes is None:
+        if jax.device_count() == 1:  # one device in all: nothing is sharded, nothing gathered
+            return _flash_forward_rows(q, k, v, segment_ids, sliding_window, block)
         return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block)
     rows, heads = axes
     spec = P(rows, None, heads, None)
