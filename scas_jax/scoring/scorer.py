@@ -439,9 +439,11 @@ def executable(fn, params, batch):
     """The compiled ``fn`` for these argument shapes, dtypes and shardings.
 
     Compiled ahead of time, once per signature for the whole process; after each
-    compilation the compiler's scratch memory goes back to the OS before anything runs,
-    so the compiler's and the first run's peaks never add up (-80 MB on an 8k-token
-    SmolLM2 pass). Thread-safe: a caller asking for a signature another thread is
+    compilation the compiler's scratch memory goes back to the OS, so a compilation's
+    peak and the runs after it never add up (-80 MB on an 8k-token SmolLM2 pass; a
+    shape that :func:`iter_scored_batches` compiles in the background does run beside
+    the first batch, and ``scas-jax score`` compiles the first one while it reads the
+    weights: docs/benchmarks.md). Thread-safe: a caller asking for a signature another thread is
     compiling waits for that compilation (a failed one raises in every waiter and is
     tried again by the next caller).
     """
