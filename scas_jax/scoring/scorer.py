@@ -443,9 +443,9 @@ def executable(fn, params, batch):
     peak and the runs after it never add up (-80 MB on an 8k-token SmolLM2 pass; a
     shape that :func:`iter_scored_batches` compiles in the background does run beside
     the first batch, and ``scas-jax score`` compiles the first one while it reads the
-    weights: docs/benchmarks.md). Thread-safe: a caller asking for a signature another thread is
-    compiling waits for that compilation (a failed one raises in every waiter and is
-    tried again by the next caller).
+    weights: docs/benchmarks.md). Thread-safe: a caller asking for a signature another
+    thread is compiling waits for that compilation (a failed one raises in every waiter
+    and is tried again by the next caller).
     """
     key = (fn, _signature(params), _signature(batch))
     with _EXECUTABLES_LOCK:
