@@ -78,9 +78,8 @@ class StudentFiles:
         path = self.path
         if self.meta is not None:
             stored = self.meta["param_dtype"]
-            abstract = checkpoint.abstract_with_shardings(self.cfg, checkpoint.np_dtype(stored), mesh)
-            # cast leaf by leaf while restoring: never two copies of the whole tree
-            params = checkpoint.restore_params(path / "params", abstract,
+            # restored as stored and cast leaf by leaf: never two copies of the whole tree
+            params = checkpoint.restore_params(path / "params", self.abstract_params(stored, mesh),
                                                dtype if dtype and dtype != stored else None)
             tok = self.tokenizer() if with_tokenizer else None
             hf = checkpoint.read_hf_config_of(path)
