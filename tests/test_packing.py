@@ -1,6 +1,6 @@
 """The packing planner: first fit in O(n log n) places every item exactly where a
-row-by-row first fit does (so plans, and resumed runs, stay the same), within the
-segment limit, and plans a large pool."""
+row-by-row first fit does, within the segment limit; its least-filled rows are emptied
+into the others where that works; a large pool is planned."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from scas_jax.data.packing import first_fit, plan_batches, tail_rows
+from scas_jax.data.packing import drop_rows, first_fit, plan_batches, tail_rows
 
 
 def _row_by_row(sizes, capacity, max_segments):
@@ -76,3 +76,55 @@ def test_last_batch_of_a_bucket_has_the_fewest_rows_that_hold_it():
     lengths = [3000] * 3 + [1000] * 5  # two buckets, each with its own last batch
     plans = plan_batches(lengths, max_length=4096, batch_tokens=8192)
     assert [(p.length, len(p.rows)) for p in plans] == [(1024, 6), (4096, 2), (4096, 1)]
+
+
+def _check_rows(rows, sizes, capacity, max_segments):
+    assert sorted(j for r in rows for j in r) == list(range(len(sizes)))
+    assert all(r and sum(sizes[j] for j in r) <= capacity and len(r) <= max_segments for r in rows)
+
+
+def test_drop_rows_keeps_every_item_once_within_the_limits():
+    """Random pools: never more rows than first fit, every item once, every row within
+    capacity and the segment limit, the same rows on a second call; some pools lose a
+    row."""
+    rng = random.Random(3)
+    dropped = 0
+    for _ in range(300):
+        capacity = rng.choice([16, 64, 1024])
+        max_segments = rng.choice([2, 3, 16])
+        sizes = sorted((rng.randint(1, capacity) for _ in range(rng.randint(1, 120))), reverse=True)
+        ffd = first_fit(sizes, capacity, max_segments)
+        rows = drop_rows([list(r) for r in ffd], sizes, capacity, max_segments)
+        _check_rows(rows, sizes, capacity, max_segments)
+        assert len(rows) <= len(ffd)
+        assert rows == drop_rows([list(r) for r in ffd], sizes, capacity, max_segments)
+        dropped += len(ffd) - len(rows)
+    assert dropped > 0
+
+
+def test_drop_rows_each_way_of_making_room():
+    """Capacity 10. Item 4 (3 tokens) alone in the least-filled row, rows of 7 + 1 and
+    6 + 2 with room 2 each: it takes the place of item 1, which moves to the other row
+    (moving item 3 instead would leave a row less full); with two segments a row
+    cannot take a third item, so the row stays. Then 6 + 3 and 7 + 2 with item 4 (2
+    tokens) alone: no room, no smaller item, so item 1 (3 tokens) and item 3 (2
+    tokens) change places and item 4 joins item 3."""
+    sizes = [7, 1, 6, 2, 3]
+    rows = drop_rows([[0, 1], [2, 3], [4]], sizes, 10, 16)
+    assert rows == [[0, 4], [2, 3, 1]]
+    assert drop_rows([[0, 1], [2, 3], [4]], sizes, 10, 2) == [[0, 1], [2, 3], [4]]
+    sizes = [6, 3, 7, 2, 2]  # rows of 9 and 9, item 4 (2 tokens) alone
+    rows = drop_rows([[0, 1], [2, 3], [4]], sizes, 10, 16)
+    _check_rows(rows, sizes, 10, 16)
+    assert rows == [[0, 3, 4], [2, 1]]
+
+
+def test_plan_drops_a_first_fit_row():
+    """Lengths whose first fit decreasing opens a third 1,024-token row that two rows
+    hold (550 + 300 + 150 and 500 + 350 + 150): the plan has two rows, not three."""
+    lengths = [150, 550, 300, 500, 150, 350]  # 2,000 tokens
+    assert len(first_fit(sorted(lengths, reverse=True), 1024, 16)) == 3
+    plans = plan_batches(lengths, max_length=1024, batch_tokens=4096)
+    assert [len(p.rows) for p in plans] == [2]
+    assert sorted(sum(lengths[i] for i in r) for r in plans[0].rows) == [1000, 1000]
+    assert sorted(i for p in plans for i in p.items) == list(range(len(lengths)))
