@@ -18,6 +18,7 @@ resumed run re-creates exactly the same batches.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -105,8 +106,9 @@ def drop_rows(rows: list[list[int]], sizes: Sequence[int], capacity: int, max_se
     for _ in range(tries):
         if len(rows) < 2:
             break
-        row_of = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
-        row_of[np.concatenate([np.asarray(r, np.int64) for r in rows])] = row_of.copy()
+        row_of = np.empty(len(sizes_np), np.int64)
+        row_of[np.fromiter(itertools.chain.from_iterable(rows), np.int64, len(sizes_np))] = \
+            np.repeat(np.arange(len(rows)), np.fromiter(map(len, rows), np.int64, len(rows)))
         emptied = _empty_row(rows, row_of, sizes_np, capacity, max_segments)
         if emptied is None:
             break
@@ -126,7 +128,7 @@ def _empty_row(rows, row_of, sizes, capacity, max_segments):
     count = np.bincount(row_of, minlength=n_rows)
     open_ = count < max_segments  # rows that can take one more item
     open_[e] = False  # nothing goes into the row being emptied
-    arrived: list[list[int]] = [[] for _ in rows]
+    arrived: dict[int, list[int]] = {}  # row -> items that moved into it, in order
     for x in sorted(rows[e], key=lambda i: (-sizes[i], i)):
         sx = int(sizes[x])
         fits = np.where(open_ & (room >= sx), room, big)
@@ -143,16 +145,16 @@ def _empty_row(rows, row_of, sizes, capacity, max_segments):
             count[src] -= 1
             count[dest] += 1
             row_of[item] = dest
-            arrived[dest].append(item)
+            arrived.setdefault(dest, []).append(item)
+            arrived.setdefault(src, [])
             open_[dest] = count[dest] < max_segments
             open_[src] = src != e and count[src] < max_segments
-    out = []
-    for r, row in enumerate(rows):
-        if r != e:
-            kept = [i for i in row if row_of[i] == r]
-            came = dict.fromkeys(i for i in arrived[r] if row_of[i] == r)  # in order, once
-            out.append(kept + [i for i in came if i not in set(kept)])
-    return out
+    out = list(rows)
+    for r, came in arrived.items():
+        kept = [i for i in rows[r] if row_of[i] == r]
+        came = [i for i in dict.fromkeys(came) if row_of[i] == r]  # in order, once
+        out[r] = kept + [i for i in came if i not in set(kept)]
+    return out[:e] + out[e + 1:]
 
 
 # Pools of at most this many items also try exchanges of two items between two rows
