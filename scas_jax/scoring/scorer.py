@@ -323,12 +323,18 @@ def precompile(params, model_cfg, prepared: Prepared, cfg: ScoreConfig, mesh=Non
     weights are read; a signature that differs from the real one only costs a second
     compilation."""
     todo = [k for k in range(len(prepared.plans)) if not skip(k)]
-    if not todo:
-        return
+    if todo:
+        _scorer_for(params, model_cfg, cfg, _build(prepared, todo[0], mesh))
+
+
+def _scorer_for(params, model_cfg, cfg: ScoreConfig, batch):
+    """The compiled scorer of ``cfg`` for these weights and this batch's signature
+    (:func:`executable`), traced under the dtype's matmul precision
+    (models/precision.py)."""
     fn = compiled_stats(model_cfg, cfg.max_segments, cfg.target_layer, cfg.dtype,
                         cfg.attn_impl, cfg.vocab_chunk)
     with matmul_precision(cfg.dtype):
-        executable(fn, params, _build(prepared, todo[0], mesh))
+        return executable(fn, params, batch)
 
 
 def iter_scored_batches(
@@ -342,13 +348,10 @@ def iter_scored_batches(
     """Yield ``(batch index, [(item index, fields), ...])`` for every planned batch not
     skipped, in plan order. Error items are not included (see ``error_fields``)."""
     check_lambda(cfg.lambda_scas)
-    fn = compiled_stats(model_cfg, cfg.max_segments, cfg.target_layer, cfg.dtype,
-                        cfg.attn_impl, cfg.vocab_chunk)
     todo = [k for k in range(len(prepared.plans)) if not skip(k)]
 
-    def run(batch):  # traced under the dtype's matmul precision (models/precision.py)
-        with matmul_precision(cfg.dtype):
-            return executable(fn, params, batch)(params, batch)
+    def run(batch):
+        return _scorer_for(params, model_cfg, cfg, batch)(params, batch)
 
     def build(k):
         return _build(prepared, k, mesh)
@@ -367,8 +370,7 @@ def iter_scored_batches(
         return k, [(item, f) for (_, item), f in zip(slots, fields)]
 
     def compile_ahead(k):  # traced as run() traces it, from a real batch of that shape
-        with matmul_precision(cfg.dtype):
-            executable(fn, params, build(k))
+        _scorer_for(params, model_cfg, cfg, build(k))
 
     with cf.ThreadPoolExecutor(max_workers=1) as pool, \
             cf.ThreadPoolExecutor(max_workers=1) as compiler:
