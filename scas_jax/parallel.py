@@ -158,6 +158,18 @@ def batch_divisor(mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def local_rows(batch: int) -> int:
+    """Rows of a ``batch``-row array each device holds under the context mesh
+    (``jax.set_mesh``, see :func:`mesh_context`): ``batch`` over the batch shards where
+    they divide it, else (no mesh in context, a batch that does not split) ``batch``.
+    Code that works on a device's rows a few positions at a time sizes its pieces by it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return batch
+    shards = batch_divisor(mesh)
+    return batch // shards if batch % shards == 0 else batch
+
+
 def row_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
     """Axis ``axis`` (the rows) over ``("data", "fsdp")``, every other axis whole."""
     return NamedSharding(mesh, P(*([None] * axis), BATCH_AXES))

@@ -184,6 +184,44 @@ def test_same_scores_on_1_and_8_devices_budgets_and_packing(tiny_students, varie
     np.testing.assert_allclose(got, base, rtol=1e-5, atol=1e-7)  # not bitwise: another program
 
 
+def test_sharded_scorer_keeps_every_row_on_its_device(tiny_students, monkeypatch):
+    """On the 8-device mesh the compiled scorer moves nothing between devices: the MLP's
+    token pieces and the log-softmax's position chunks (both made small here, so both
+    loops run with several rows a device) are position ranges of each device's own rows.
+    A piece of the flattened batch would gather the whole batch on every device, and
+    every device would compute every row (the MLP and head of a 2-device run did)."""
+    import functools
+
+    from scas_jax.models import layers
+    from scas_jax.parallel import mesh_context, shard_params
+    from scas_jax.scoring import scorer as sc
+    from scas_jax.scoring.core import sequence_stats
+
+    st, _ = tiny_students["qwen2_bias"]
+    monkeypatch.setattr(layers, "MLP_TOKEN_CHUNK", 64)
+    cfg = ScoreConfig(batch_tokens=512, max_length=256)
+    rows = [{"id": f"r{n}", "instruction": "Add them." * (1 + n % 4),
+             "teacher_output": "one two " * (6 + 3 * n % 17)} for n in range(40)]
+    fn = jax.jit(functools.partial(sequence_stats, cfg=st.cfg, max_segments=cfg.max_segments,
+                                   vocab_chunk=64))
+    eight = make_mesh("data=-1")
+    prep = prepare(rows, st.tokenizer, cfg, row_multiple=8)
+    k = max(range(len(prep.plans)), key=lambda i: len(prep.plans[i].rows))
+    assert len(prep.plans[k].rows) >= 16  # several rows a device: the loops slice positions
+    batch = sc._build(prep, k, eight)
+    params = shard_params(st.params, eight)
+    with mesh_context(batch):
+        compiled = fn.lower(params, batch).compile()
+    hlo = compiled.as_text()
+    assert "mlp/while" in hlo  # the MLP ran in pieces
+    for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
+        assert op not in hlo, op
+    got = jax.tree.map(np.asarray, compiled(params, batch))
+    one = jax.tree.map(np.asarray, fn(st.params, sc._build(prep, k)))  # one device, one program
+    for name in one:
+        np.testing.assert_allclose(got[name], one[name], rtol=2e-5, atol=1e-5, err_msg=name)
+
+
 def test_factored_tap_gives_the_unit_row_sums():
     """``unit_tap_stats`` of a FactoredUp (the tapped activation ``x @ w`` never made)
     equals ``tap_stats`` of the unit rows of ``x @ w``, a zero row included, and is the

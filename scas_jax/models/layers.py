@@ -18,6 +18,7 @@ import numpy as np
 
 from scas_jax.models.attention import attention
 from scas_jax.models.config import ModelConfig
+from scas_jax.parallel import local_rows
 
 
 class RMSNorm(nn.Module):
@@ -195,10 +196,11 @@ def _swiglu_plain(x, w_gate, w_up, w_down):
 def swiglu(x, w_gate, w_up, w_down):
     """``(silu(x @ w_gate) * (x @ w_up)) @ w_down`` and the ``up`` activation.
 
-    ``x [..., d_model]``, ``w_gate``/``w_up [d_model, d_ff]``, ``w_down [d_ff, d_model]``.
-    Forward only (scoring, prefill), more than :data:`MLP_TOKEN_CHUNK` tokens run in
-    chunks of that many, so the ``gate`` and ``silu(gate) * up`` buffers are a chunk's
-    (``[chunk, d_ff]``), not ``[tokens, d_ff]`` each; ``up`` is returned whole, and where
+    ``x [..., seq, d_model]``, ``w_gate``/``w_up [d_model, d_ff]``, ``w_down [d_ff, d_model]``.
+    Forward only (scoring, prefill), more than :data:`MLP_TOKEN_CHUNK` tokens of a
+    device's rows run in pieces of about that many (:func:`_by_token_chunks`), so the
+    ``gate`` and ``silu(gate) * up`` buffers are a piece's (``[chunk, d_ff]``), not
+    ``[tokens, d_ff]`` each; ``up`` is returned whole, and where
     nothing uses it XLA does not make it (an 8k-token SmolLM2 layer: 151 -> 105 MiB of
     scratch). Each row is the same product either way. The custom VJP (training) runs
     unchunked and writes the weight gradients as plain ``[d_in, tokens] @ [tokens,
@@ -210,18 +212,42 @@ def swiglu(x, w_gate, w_up, w_down):
 
 
 def _by_token_chunks(fn, x):
-    """``fn`` of ``x [..., d]`` :data:`MLP_TOKEN_CHUNK` tokens at a time (one piece when
-    there are no more): ``fn`` maps ``[tokens, d]`` to a tuple of ``[tokens, ...]``
-    arrays, and each comes back as ``[..., ...]`` over all of ``x``'s tokens."""
-    lead, d = x.shape[:-1], x.shape[-1]
-    n = math.prod(lead)
-    if n <= MLP_TOKEN_CHUNK:
-        return tuple(y.reshape(*lead, *y.shape[1:]) for y in fn(x.reshape(n, d)))
-    k = -(-n // MLP_TOKEN_CHUNK)
-    xs = jnp.pad(x.reshape(n, d), ((0, k * MLP_TOKEN_CHUNK - n), (0, 0)))
-    ys = jax.lax.map(fn, xs.reshape(k, MLP_TOKEN_CHUNK, d))
-    return tuple(y.reshape(k * MLP_TOKEN_CHUNK, *y.shape[2:])[:n].reshape(*lead, *y.shape[2:])
-                 for y in ys)
+    """``fn`` of ``x [..., seq, d]`` about :data:`MLP_TOKEN_CHUNK` tokens of each device's
+    rows at a time (one piece when they hold no more): ``fn`` maps ``[tokens, d]`` to a
+    tuple of ``[tokens, ...]`` arrays, and each comes back as ``[..., seq, ...]`` over all
+    of ``x``'s tokens.
+
+    The pieces are position ranges of every row (``[rows, c]`` with ``c =
+    MLP_TOKEN_CHUNK // rows a device holds``, :func:`scas_jax.parallel.local_rows`),
+    never ranges of the flattened batch: a loop over a batch axis that is sharded would
+    gather the whole batch on every device, and each device would compute every row
+    (the MLP of a 2-device scoring run did, before). The last piece ends at the last
+    position and recomputes the few positions it shares with the one before, so nothing
+    is padded."""
+    if x.ndim < 2:
+        raise ValueError(f"_by_token_chunks: x needs [..., seq, d], got shape {x.shape}")
+    lead, t, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    rows = math.prod(lead)
+    xr = x.reshape(rows, t, d)
+    c = max(1, MLP_TOKEN_CHUNK // local_rows(rows))
+    if t <= c:
+        return tuple(y.reshape(*lead, t, *y.shape[1:]) for y in fn(xr.reshape(rows * t, d)))
+    k = -(-t // c)
+
+    def piece(i):
+        start = jnp.minimum(i * c, t - c)
+        xc = jax.lax.dynamic_slice_in_dim(xr, start, c, axis=1)
+        return start, [y.reshape(rows, c, *y.shape[1:]) for y in fn(xc.reshape(rows * c, d))]
+
+    shapes = jax.eval_shape(lambda: piece(0)[1])
+    init = [jnp.zeros((rows, t, *s.shape[2:]), s.dtype) for s in shapes]
+
+    def body(i, outs):
+        start, ys = piece(i)
+        return [jax.lax.dynamic_update_slice_in_dim(o, y, start, axis=1) for o, y in zip(outs, ys)]
+
+    outs = jax.lax.fori_loop(0, k, body, init)
+    return tuple(o.reshape(*lead, t, *o.shape[2:]) for o in outs)
 
 
 class FactoredUp(NamedTuple):

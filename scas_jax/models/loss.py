@@ -17,12 +17,13 @@ import jax.numpy as jnp
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import lm_head, softcap
+from scas_jax.parallel import local_rows
 
 # Positions of a row per log-softmax chunk (a chunk's logits: ``[batch, chunk, vocab]``
 # float32; training and the gradient check). 128 against 256: the same values bit for
 # bit, half the buffer, no slower (docs/benchmarks.md).
 VOCAB_CHUNK = 128
-# Forward passes (scoring): positions of the whole batch per chunk, and the vocabulary
+# Forward passes (scoring): positions of a device's rows per chunk, and the vocabulary
 # in tiles of VOCAB_TILE with a running logsumexp, so a tile's logits ``[1024, 1024]``
 # (4 MiB) stay in cache. SmolLM2's log-softmax over 4 x 1,024 positions on the build
 # machine (docs/benchmarks.md): one piece 0.95 s; 512 x 4,096 tiles 0.56-0.62 s, and
@@ -166,15 +167,21 @@ def next_token_nll(
 
     Packed rows: a position whose predecessor belongs to another sequence gets a
     meaningless value, so callers mask it (the first token of every sequence). With
-    ``vocab_tile`` (forward passes: :data:`LOGIT_POSITIONS`, :data:`VOCAB_TILE`) the
-    batch's positions are taken ``chunk`` at a time across rows and the vocabulary in
-    tiles (:func:`target_logprobs`); each position's value depends on neither.
+    ``vocab_tile`` (forward passes: :data:`LOGIT_POSITIONS`, :data:`VOCAB_TILE`) a
+    device's rows are taken about ``chunk`` positions at a time (position ranges of each
+    row: ``chunk`` over the rows it holds, :func:`scas_jax.parallel.local_rows`) and the
+    vocabulary in tiles (:func:`target_logprobs`); each position's value depends on
+    neither.
     """
     b, t, d = hidden.shape
     if vocab_tile is None:
         lp = target_logprobs(params, cfg, hidden[:, :-1], tokens[:, 1:], chunk)
     else:
-        flat = target_logprobs(params, cfg, hidden[:, :-1].reshape(1, b * (t - 1), d),
-                               tokens[:, 1:].reshape(1, b * (t - 1)), chunk, vocab_tile)
-        lp = flat.reshape(b, t - 1)
+        # Every position of a device's rows, ``chunk`` of them at a time as position
+        # ranges of each row (a range of the flattened batch would gather a sharded batch
+        # on every device); the last position predicts nothing (target 0, dropped), which
+        # spares a copy of ``hidden`` without it.
+        per_row = max(1, chunk // local_rows(b))
+        targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+        lp = target_logprobs(params, cfg, hidden, targets, per_row, vocab_tile)[:, :-1]
     return jnp.pad(-lp, ((0, 0), (1, 0)))

@@ -51,7 +51,7 @@ def token_outputs(
 
     Args:
       batch: at least ``tokens``, ``positions``, ``segment_ids``, each ``[batch, seq]``.
-      vocab_chunk: positions of the whole batch per log-softmax chunk, the vocabulary
+      vocab_chunk: positions of a device's rows per log-softmax chunk, the vocabulary
         taken :data:`~scas_jax.models.loss.VOCAB_TILE` entries at a time
         (:func:`scas_jax.models.loss.next_token_nll`); no value depends on it.
     Returns:

@@ -49,7 +49,7 @@ class ScoreConfig:
     max_segments: int = 16
     dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU (resolved on construction)
     attn_impl: str = "auto"
-    vocab_chunk: int = LOGIT_POSITIONS  # positions of a batch per log-softmax chunk
+    vocab_chunk: int = LOGIT_POSITIONS  # positions of a device's rows per log-softmax chunk
 
     def __post_init__(self) -> None:
         from scas_jax.models.precision import resolve_dtype
