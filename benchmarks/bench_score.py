@@ -59,6 +59,30 @@ def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def matmul_flops_split(n: int = 2048, reps: int = 5) -> float | None:
+    """The same product on every JAX device at once (``[devices * n, n] @ [n, n]``, rows
+    sharded over a data mesh); None with one device. Where the CPU is split into several
+    devices this is the machine's matmul rate as a data-parallel program sees it."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from scas_jax.parallel import make_mesh
+
+    d = jax.device_count()
+    if d == 1:
+        return None
+    mesh = make_mesh("data=-1")
+    a = jax.device_put(jnp.ones((d * n, n), jnp.float32), NamedSharding(mesh, P("data")))
+    b = jax.device_put(jnp.ones((n, n), jnp.float32), NamedSharding(mesh, P()))
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f(a, b).block_until_ready()
+    return 2 * d * n**3 * reps / (time.perf_counter() - t)
+
+
 def model_flops_per_token(cfg, seq: float) -> float:
     """Forward FLOPs per token: 2 x matmul params + attention (QK^T and PV) + lm head."""
     d, f, h, kv, hd = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -89,15 +113,32 @@ def run_torch(rows, tokenizer, max_rows=None):
     return out, tokens, time.perf_counter() - t
 
 
+def split_cpu(value: str, answers: int) -> None:
+    """Split the CPU into JAX devices as ``scas-jax score --cpu-devices value`` would for
+    ``answers`` answers (before JAX starts; see scas_jax/cpu_devices.py)."""
+    from scas_jax import cpu_devices
+
+    n = cpu_devices.choose(value, answers=answers, default_mesh=True, multi_process=False)
+    if n is not None:
+        cpu_devices.split(n, explicit=True)
+
+
 def run_jax(rows, student, cfg):
+    """The library scorer on every JAX device (a data mesh where there are several, as
+    ``scas-jax score`` runs); ``batch_tokens`` per device."""
+    import jax
+
+    from scas_jax.parallel import batch_divisor, make_mesh, shard_params
     from scas_jax.scoring.scorer import prepare, score_rows
 
-    prep = prepare(rows, student.tokenizer, cfg)
+    mesh = make_mesh("data=-1") if jax.device_count() > 1 else None
+    params = student.params if mesh is None else shard_params(student.params, mesh)
+    prep = prepare(rows, student.tokenizer, cfg, batch_divisor(mesh) if mesh else 1)
     t0 = time.perf_counter()
-    score_rows(student.params, student.cfg, student.tokenizer, rows, cfg)  # compiles every shape
+    score_rows(params, student.cfg, student.tokenizer, rows, cfg, mesh)  # compiles every shape
     t_first = time.perf_counter() - t0  # compilation and one whole pass
     t = time.perf_counter()
-    out = score_rows(student.params, student.cfg, student.tokenizer, rows, cfg)
+    out = score_rows(params, student.cfg, student.tokenizer, rows, cfg, mesh)
     wall = time.perf_counter() - t
     return out, prep.stats, wall, t_first
 
@@ -107,9 +148,12 @@ def throughput(args):
     from scas_jax.scoring.scorer import ScoreConfig
 
     rows = gsm8k_rows(args.questions)
+    split_cpu(args.cpu_devices, len(rows))
+    import jax
+
     student = load_student("smollm2")
     cfg = ScoreConfig(batch_tokens=args.batch_tokens, max_length=args.max_length)
-    mm = matmul_flops()
+    mm, mm_split = matmul_flops(), matmul_flops_split()
     ours, stats, wall_j, t_first = run_jax(rows, student, cfg)
     real = stats["real_tokens"]
     base, tokens_t, wall_t = run_torch(rows, student.tokenizer, args.torch_rows)
@@ -125,7 +169,11 @@ def throughput(args):
         "shapes": stats["shapes"], "torch_rows": len(base),
         "torch_tok_s": tokens_t / wall_t, "jax_tok_s": real / wall_j,
         "speedup": (real / wall_j) / (tokens_t / wall_t), "jax_warmup_s (compile + one whole pass)": t_first,
-        "matmul_gflops": mm / 1e9, "jax_gflops": fpt * real / wall_j / 1e9,
+        "jax_devices": jax.device_count(),
+        "matmul_gflops": mm / 1e9, "matmul_gflops_split": mm_split and mm_split / 1e9,
+        "jax_gflops": fpt * real / wall_j / 1e9,
+        # against the better of the one-program and the split rate
+        "jax_share_of_matmul": fpt * real / wall_j / max(mm, mm_split or 0),
         "torch_gflops": fpt * tokens_t / wall_t / 1e9, "max_rel_diff": worst,
         "machine": machine.one_line(),
     }
@@ -419,7 +467,8 @@ def command(args):
         res["scas_jax_s"] = _timed([sys.executable, "-m", "scas_jax.cli", "score", "--student", str(conv),
                                     "--candidate-dir", str(tmp / "pool"), "--output-dir",
                                     str(tmp / "scored"), "--batch-tokens", str(args.batch_tokens),
-                                    "--max-length", str(args.max_length)], tmp / "jax.log")
+                                    "--max-length", str(args.max_length),
+                                    "--cpu-devices", args.cpu_devices], tmp / "jax.log")
         res["torch_s"] = _timed([sys.executable, __file__, "torch-all", str(args.questions), str(hf),
                                  str(tmp / "torch.json")], tmp / "torch.log")
         base = json.loads((tmp / "torch.json").read_text(encoding="utf-8"))
@@ -448,6 +497,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--cpu-devices", default="auto",
+                    help="scas-jax score's --cpu-devices (throughput: the same split in-process)")
     args = ap.parse_args()
     if args.mode == "throughput":
         throughput(args)

@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in JAX_COMMANDS:
         host_memory.limit_arenas()  # before JAX starts its threads
     try:
+        if getattr(args, "before_devices", None) is not None:
+            args.before_devices(args)  # what must be set before JAX starts (score: the CPU split)
         if args.command in JAX_COMMANDS:
             distributed.initialize_from_args(args)
         code = int(args.func(args) or 0)

@@ -69,6 +69,19 @@ def tiny_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_hf_dirs, tmp_path_factory):
+    """A tiny HF Llama directory with tokenizer files: a complete ``--student DIR``."""
+    import shutil
+
+    import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_llama") / "student"
+    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
+    tiny_tokenizer.save(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def smollm2_student():
     """SmolLM2-135M-Instruct loaded by scas_jax from the bundled GGUF (float32)."""
     if smollm2_dir() is None:

@@ -27,7 +27,6 @@ import tiny_tokenizer
 from test_chat import BARE_ANSWER_TEMPLATE, MISMATCH_TEMPLATE, with_template
 from interrupt import Interrupted, stop_after
 from pool_files import gsm8k, write_pool
-from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli_main
 from scas_jax.data.chat import ChatEncoder
 from scas_jax.data.packing import bucket_lengths
@@ -82,15 +81,6 @@ def tiny_students(tiny_hf_dirs, tiny_tok):
         tm = AutoModelForCausalLM.from_pretrained(tiny_hf_dirs[name], dtype=torch.float32).eval()
         out[name] = (st, tm)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tiny_hf_dirs, tmp_path_factory):
-    """A tiny HF Llama directory with tokenizer files: a complete ``--student DIR``."""
-    d = tmp_path_factory.mktemp("tiny_llama") / "student"
-    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
-    tiny_tokenizer.save(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from scas_jax.cpu_devices import AUTO as AUTO_CPU_DEVICES, FLAG_HELP as CPU_DEVICES_HELP
 from scas_jax.data.layout import score_file_name
 from scas_jax.errors import ScasError
 from scas_jax.scoring.core import DEFAULT_TAP
 
+MESH_DEFAULT = "data=-1"  # every device on the batch axis
 DTYPES = ("auto", "float32", "bfloat16")  # auto: scas_jax.models.precision.resolve_dtype
 MANIFEST = "manifest.json"
 # Version of the per-teacher record in the manifest: bump it when score files made by
@@ -352,7 +354,7 @@ def _resolve_mesh(mesh: Any):
 
     from scas_jax.parallel import make_mesh
 
-    return mesh if isinstance(mesh, Mesh) else make_mesh(mesh or "data=-1")
+    return mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MESH_DEFAULT)
 
 
 def _pool_summary_dict(summary) -> dict:
@@ -739,7 +741,7 @@ def score(
     *,
     lambda_scas: float = 0.5,
     target_layer: str = DEFAULT_TAP,
-    mesh: Any = "data=-1",
+    mesh: Any = MESH_DEFAULT,
     batch_tokens: int = 4096,
     max_length: int = 4096,
     limit: int | None = None,
@@ -838,6 +840,22 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_cpu(args: argparse.Namespace) -> None:
+    """Before JAX starts (:mod:`scas_jax.cpu_devices`): split a CPU host into devices for
+    this scoring run, as ``--cpu-devices`` says."""
+    from scas_jax import cpu_devices, distributed
+
+    explicit = cpu_devices.parse(args.cpu_devices) is not None
+    if args.dry_run and not explicit:
+        return
+    group = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+    answers = None if explicit else cpu_devices.count_answers(args.candidate_dir, args.limit)
+    n = cpu_devices.choose(args.cpu_devices, answers=answers, default_mesh=args.mesh == MESH_DEFAULT,
+                           multi_process=group.multi_process)
+    if n is not None:
+        cpu_devices.split(n, explicit=explicit)
+
+
 def _print_summary(m: dict, output_dir: Path) -> None:
     for teacher, t in m["teachers"].items():
         if t["status"] == "existing":
@@ -874,7 +892,8 @@ def register(sub) -> None:
                    help="weight of the answer-question block, in [0, 1]")
     p.add_argument("--target-layer", default=DEFAULT_TAP,
                    help="activation tap: layers.<i>.mlp.up_proj or layers.<i>.residual")
-    p.add_argument("--mesh", default="data=-1", help="mesh spec, e.g. data=-1 or data=2,tp=4")
+    p.add_argument("--mesh", default=MESH_DEFAULT, help="mesh spec, e.g. data=-1 or data=2,tp=4")
+    p.add_argument("--cpu-devices", default=AUTO_CPU_DEVICES, metavar="auto|N", help=CPU_DEVICES_HELP)
     p.add_argument("--batch-tokens", type=int, default=4096,
                    help="padded tokens per batch per device (per data x fsdp shard of the "
                         "mesh: a batch of the whole mesh holds this times that many); raise it "
@@ -905,4 +924,4 @@ def register(sub) -> None:
                    help="write a jax.profiler trace of a few batches (the 3rd to 5th scored, "
                         "after compilation) under DIR; view with TensorBoard's profile plugin "
                         "or ui.perfetto.dev (the command says where)")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=_cmd, before_devices=_split_cpu)
