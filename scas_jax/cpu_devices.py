@@ -13,7 +13,8 @@ and only as many as the pool gives :data:`MIN_ANSWERS_PER_DEVICE` answers each (
 no answer fills still runs on its device: one 8k-token answer on two devices would
 take twice the memory for nothing). Left alone where the user chose (the variable
 ``JAX_NUM_CPU_DEVICES`` or XLA's ``--xla_force_host_platform_device_count``), in a
-multi-process run, or on an explicit ``--mesh``. Accelerator hosts are unaffected: the
+multi-process run, on an explicit ``--mesh``, and where XLA_FLAGS turn the YNNPACK
+fusions off (:func:`library_dots_off`: split programs compute wrong values then). Accelerator hosts are unaffected: the
 split only applies to JAX's CPU backend.
 """
 
@@ -66,6 +67,18 @@ def user_setting(env=None) -> str | None:
     return None
 
 
+def library_dots_off(env=None) -> bool:
+    """XLA_FLAGS turn XLA's YNNPACK library fusions off (``benchmarks/avx2_cap.sh`` does):
+    the dots then run through Eigen, and in this jaxlib (0.10.2) a program split over
+    several CPU devices that way computes wrong values for some rows (a race between the
+    devices' runs: the first rows of each device's shard, differing from run to run; the
+    same programs with the fusions on are bitwise equal to one device). No split then."""
+    env = os.environ if env is None else env
+    flags = env.get("XLA_FLAGS", "").split()
+    return any(f.split("=", 1)[0] == "--xla_cpu_experimental_ynn_fusion_type"
+               and f.split("=", 1)[1:] in ([], [""]) for f in flags)
+
+
 def cpus_available() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -116,7 +129,11 @@ def choose(value: str | int, *, answers: int | None, default_mesh: bool, multi_p
     count in the environment (:func:`auto_count` otherwise)."""
     n = parse(value)
     if n is not None:
+        if n > 1 and library_dots_off(env):
+            raise ScasError(f"--cpu-devices {n}: XLA_FLAGS turn the YNNPACK fusions off "
+                            "(--xla_cpu_experimental_ynn_fusion_type=), and XLA's CPU backend then "
+                            "computes wrong values on split devices; use --cpu-devices 1")
         return n
-    if multi_process or not default_mesh or user_setting(env) is not None:
+    if multi_process or not default_mesh or user_setting(env) is not None or library_dots_off(env):
         return None
     return auto_count(answers, cpus_available() if cpus is None else cpus)

@@ -44,6 +44,14 @@ def test_choose_leaves_the_users_settings_alone():
     assert C.choose("auto", env={}, **{**base, "default_mesh": False}) is None
     # an explicit count always wins (it is what the user asked for)
     assert C.choose("2", env={"JAX_NUM_CPU_DEVICES": "3"}, **{**base, "multi_process": True}) == 2
+    # YNNPACK fusions off: XLA's split programs compute wrong values (cpu_devices.py)
+    off = {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2 --xla_cpu_experimental_ynn_fusion_type="}
+    assert C.library_dots_off(off) and not C.library_dots_off({"XLA_FLAGS": "--xla_cpu_max_isa=AVX2"})
+    assert not C.library_dots_off({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"})
+    assert C.choose("auto", env=off, **base) is None
+    assert C.choose("1", env=off, **base) == 1
+    with pytest.raises(ScasError, match="--cpu-devices 1"):
+        C.choose("2", env=off, **base)
     assert C.user_setting({"JAX_NUM_CPU_DEVICES": "3"}) == "JAX_NUM_CPU_DEVICES=3"
     assert C.user_setting({"XLA_FLAGS": "--xla_cpu_max_isa=AVX2"}) is None
 
