@@ -3,8 +3,8 @@
 On a CPU, XLA runs a program's large products on every core, but a loop of small
 products (the scorer's attention tiles) on one thread. Split into several host
 devices, a data-parallel program runs one such loop per device at once: on the
-2-core build machine ``scas-jax score`` is ~13 % faster on two devices than on one
-(docs/benchmarks.md, issue 13). The split is fixed for the whole process when JAX
+2-core build machine the scorer runs 8-17 % more tokens a second on two devices than
+on one (docs/benchmarks.md, issue 13, sixth round). The split is fixed for the whole process when JAX
 starts, so only a command that is nothing but scoring makes it (``scas-jax score
 --cpu-devices``); library callers set ``JAX_NUM_CPU_DEVICES`` themselves.
 
