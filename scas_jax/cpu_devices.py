@@ -4,9 +4,10 @@ On a CPU, XLA runs a program's large products on every core, but a loop of small
 products (the scorer's attention tiles) on one thread. Split into several host
 devices, a data-parallel program runs one such loop per device at once: on the
 2-core build machine the scorer runs 8-17 % more tokens a second on two devices than
-on one (docs/benchmarks.md, issue 13, sixth round). The split is fixed for the whole process when JAX
-starts, so only a command that is nothing but scoring makes it (``scas-jax score
---cpu-devices``); library callers set ``JAX_NUM_CPU_DEVICES`` themselves.
+on one (docs/benchmarks.md, issue 13, sixth round). The split is fixed for the whole
+process when JAX starts, so only a command that is nothing but scoring makes it
+(``scas-jax score --cpu-devices``); library callers set ``JAX_NUM_CPU_DEVICES``
+themselves.
 
 ``auto``: one device per CPU this process may run on, at most :data:`MAX_AUTO_DEVICES`,
 and only as many as the pool gives :data:`MIN_ANSWERS_PER_DEVICE` answers each (a row
@@ -14,8 +15,8 @@ no answer fills still runs on its device: one 8k-token answer on two devices wou
 take twice the memory for nothing). Left alone where the user chose (the variable
 ``JAX_NUM_CPU_DEVICES`` or XLA's ``--xla_force_host_platform_device_count``), in a
 multi-process run, on an explicit ``--mesh``, and where XLA_FLAGS turn the YNNPACK
-fusions off (:func:`library_dots_off`: split programs compute wrong values then). Accelerator hosts are unaffected: the
-split only applies to JAX's CPU backend.
+fusions off (:func:`library_dots_off`: split programs compute wrong values then).
+Accelerator hosts are unaffected: the split only applies to JAX's CPU backend.
 """
 
 from __future__ import annotations
