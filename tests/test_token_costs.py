@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import tiny_tokenizer
 from pool_files import gsm8k, write_pool
-from scas_jax.assets import GSM8K_POOL
 from scas_jax.cli import main as cli_main
 from scas_jax.scoring.fields import ERROR_FIELD
 
@@ -47,20 +45,12 @@ def check_token_files(out: Path, teachers, spelled: bool = False) -> dict:
     return lines
 
 
-@pytest.fixture(scope="module")
-def tiny_student_dir(tiny_hf_dirs, tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama") / "student"
-    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
-    tiny_tokenizer.save(d)
-    return d
-
-
-def test_cli_per_token_on_a_tiny_student_and_the_report(tiny_student_dir, tmp_path, capsys):
+def test_cli_per_token_on_a_tiny_student_and_the_report(tiny_llama_dir, tmp_path, capsys):
     rows = {t: gsm8k(t, 3) for t in TEACHERS}
     rows[TEACHERS[0]].append({"id": "no-instruction", "teacher_output": "4"})  # an error row
     pool = write_pool(tmp_path / "pool", {f"{t}.jsonl": r for t, r in rows.items()})
     out = tmp_path / "scores"
-    code = cli_main(["score", "--student", str(tiny_student_dir), "--candidate-dir", str(pool),
+    code = cli_main(["score", "--student", str(tiny_llama_dir), "--candidate-dir", str(pool),
                      "--output-dir", str(out), "--batch-tokens", "1024", "--max-length", "1024",
                      "--dtype", "float32", "--per-token"])
     assert code == 0, capsys.readouterr().err
