@@ -70,15 +70,11 @@ def tiny_hf_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tiny_hf_dirs, tmp_path_factory):
-    """A tiny HF Llama directory with tokenizer files: a complete ``--student DIR``."""
-    import shutil
-
+    """The tiny tied-embedding Llama as a complete ``--student DIR``."""
     import tiny_tokenizer
 
-    d = tmp_path_factory.mktemp("tiny_llama") / "student"
-    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
-    tiny_tokenizer.save(d)
-    return d
+    return tiny_tokenizer.student_dir(tiny_hf_dirs["llama_tied_bias"],
+                                      tmp_path_factory.mktemp("tiny_llama") / "student")
 
 
 @pytest.fixture(scope="session")

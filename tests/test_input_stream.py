@@ -15,7 +15,6 @@ against :func:`scas_jax.scoring.scorer.prepare`, the in-memory reference:
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,6 @@ import pytest
 import tiny_tokenizer
 from interrupt import Interrupted, stop_after
 from pool_files import gsm8k
-from scas_jax.assets import GSM8K_POOL
 from scas_jax.data.chat import ChatEncoder
 from scas_jax.data.packing import materialise
 from scas_jax.scoring import commands
@@ -151,13 +149,10 @@ def test_window_is_bounded_by_construction():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tiny_hf_dirs, tmp_path_factory):
+def tiny_llama(tiny_llama_dir):
     from scas_jax.loader import load_student
 
-    d = tmp_path_factory.mktemp("tiny_llama_stream") / "student"
-    shutil.copytree(tiny_hf_dirs["llama_tied_bias"], d)
-    tiny_tokenizer.save(d)
-    return load_student(d)
+    return load_student(tiny_llama_dir)
 
 
 def _pool(directory: Path) -> Path:

@@ -4,7 +4,6 @@ outputs are consistent with one another, and reruns never reuse stale results.""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import tiny_tokenizer
@@ -18,10 +17,8 @@ def _lines(path):
 
 @pytest.fixture(scope="module")
 def student(tiny_hf_dirs, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipeline") / "tiny"
-    shutil.copytree(tiny_hf_dirs["llama_rope_scaling_untied"], path)
-    tiny_tokenizer.save(path)
-    return path
+    return tiny_tokenizer.student_dir(tiny_hf_dirs["llama_rope_scaling_untied"],
+                                      tmp_path_factory.mktemp("pipeline") / "tiny")
 
 
 def test_pipeline_end_to_end_and_reruns(student, tmp_path, capsys, monkeypatch):

@@ -40,3 +40,13 @@ def save(directory: str | Path):
     tok = build()
     tok.save_pretrained(str(directory))
     return tok
+
+
+def student_dir(model_dir: str | Path, directory: str | Path) -> Path:
+    """A copy of the tiny HF model ``model_dir`` at ``directory`` with these tokenizer
+    files beside it: a complete ``--student DIR``."""
+    import shutil
+
+    shutil.copytree(model_dir, directory)
+    save(directory)
+    return Path(directory)
