@@ -46,17 +46,20 @@ def gsm8k_rows(questions: int, verified_only: bool = True) -> list[dict]:
     return rows
 
 
+def _rate(f, args, flops: float, reps: int) -> float:
+    """FLOP/s of ``f(*args)`` over ``reps`` timed calls after one untimed."""
+    f(*args).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(reps):
+        f(*args).block_until_ready()
+    return flops * reps / (time.perf_counter() - t)
+
+
 def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f(a).block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    return _rate(jax.jit(lambda x: x @ x), (jnp.ones((n, n), jnp.float32),), 2 * n**3, reps)
 
 
 def matmul_flops_split(n: int = 2048, reps: int = 5) -> float | None:
@@ -75,12 +78,7 @@ def matmul_flops_split(n: int = 2048, reps: int = 5) -> float | None:
     mesh = make_mesh("data=-1")
     a = jax.device_put(jnp.ones((d * n, n), jnp.float32), NamedSharding(mesh, P("data")))
     b = jax.device_put(jnp.ones((n, n), jnp.float32), NamedSharding(mesh, P()))
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(reps):
-        f(a, b).block_until_ready()
-    return 2 * d * n**3 * reps / (time.perf_counter() - t)
+    return _rate(jax.jit(lambda x, y: x @ y), (a, b), 2 * d * n**3, reps)
 
 
 def model_flops_per_token(cfg, seq: float) -> float:

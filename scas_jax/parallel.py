@@ -158,16 +158,23 @@ def batch_divisor(mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def row_shards(mesh, batch: int) -> int | None:
+    """The batch shards (:func:`batch_divisor`) of ``mesh`` (a ``Mesh`` or
+    ``AbstractMesh``) where they split ``batch`` rows evenly; None where ``mesh`` is
+    empty, lacks the batch axes or does not divide ``batch``."""
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return None
+    shards = batch_divisor(mesh)
+    return shards if batch % shards == 0 else None
+
+
 def local_rows(batch: int) -> int:
     """Rows of a ``batch``-row array each device holds under the context mesh
     (``jax.set_mesh``, see :func:`mesh_context`): ``batch`` over the batch shards where
     they divide it, else (no mesh in context, a batch that does not split) ``batch``.
     Code that works on a device's rows a few positions at a time sizes its pieces by it."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return batch
-    shards = batch_divisor(mesh)
-    return batch // shards if batch % shards == 0 else batch
+    shards = row_shards(jax.sharding.get_abstract_mesh(), batch)
+    return batch // shards if shards else batch
 
 
 def row_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:

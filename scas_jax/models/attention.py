@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from scas_jax.models import attention_kernels
-from scas_jax.parallel import BATCH_AXES, HEAD_AXIS, batch_divisor
+from scas_jax.parallel import BATCH_AXES, HEAD_AXIS, row_shards
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
@@ -216,9 +216,7 @@ def _row_axes(mesh, batch: int, heads: int, kv_heads: int):
     """``(batch axes, head axes)`` of the context mesh for :func:`_forward_by_rows`, or
     None where the rows cannot be split that way (no mesh in context; the batch not a
     multiple of the batch shards)."""
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
-        return None
-    if batch % batch_divisor(mesh):
+    if row_shards(mesh, batch) is None:
         return None
     tp = mesh.shape.get(HEAD_AXIS, 1)
     head_axis = HEAD_AXIS if tp > 1 and heads % tp == 0 and kv_heads % tp == 0 else None
