@@ -14,10 +14,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import lm_head, softcap
-from scas_jax.parallel import local_rows
+from scas_jax.parallel import data_shards, local_rows
 
 # Positions of a row per log-softmax chunk (a chunk's logits: ``[batch, chunk, vocab]``
 # float32; training and the gradient check). 128 against 256: the same values bit for
@@ -129,9 +130,34 @@ def _tiled_fwd(cfg, spec, tile, h, w, y):
 def _tiled_bwd(cfg, spec, tile, res, g):
     """``d lp / d logits = onehot(target) - softmax``, tile by tile: each tile's logits
     are formed again from the saved logsumexp and pulled back through the tile's
-    product (and the soft cap) into ``dh`` and the tile's columns of ``dw``."""
+    product (and the soft cap) into ``dh`` and the tile's columns of ``dw``.
+
+    ``dw`` sums over rows, and the rows are sharded: under a context mesh with a
+    ``data`` axis it is kept per ``data`` shard (``[shards, *w.shape]``, each shard's
+    rows a vmapped slice) and summed once after the loops
+    (:func:`scas_jax.parallel.data_shards`); summed in the loop, XLA would all-reduce
+    each tile's columns at every step (chunks x tiles collectives a micro-batch)."""
     h, w, y, lse = res
     axis, vocab, tile, k = _tiles(w, spec, tile)
+    n, b = h.shape[:2]
+    s = data_shards(b)
+    free = P.UNCONSTRAINED
+
+    def on_data(x, axis):  # axis ``axis`` of x on the mesh's data axis, the others left to XLA
+        if s == 1:
+            return x
+        return jax.lax.with_sharding_constraint(x, P(*[("data" if i == axis else free) for i in range(x.ndim)]))
+
+    def split(x):  # [n, b, ...] -> [n, s, b / s, ...]
+        return on_data(x.reshape(n, s, b // s, *x.shape[2:]), 1)
+
+    def pull_rows(wk, start, fresh, hc, yc, lc, gc):
+        """One shard's rows ``hc [b / s, c, d]`` -> their ``dh`` and ``dw`` of the tile."""
+        logits, pull = jax.vjp(lambda a, b: _logits(cfg, spec, a, b), hc, wk)
+        cols = start + jnp.arange(tile)
+        p = jnp.where(fresh, jnp.exp(logits - lc[..., None]), 0.0)
+        hit = fresh & (yc[..., None] == cols)
+        return pull(gc[..., None] * (hit.astype(jnp.float32) - p))
 
     def chunk(dw, xs):
         hc, yc, lc, gc = xs
@@ -140,20 +166,20 @@ def _tiled_bwd(cfg, spec, tile, res, g):
             dh, dw = carry
             start, fresh = _tile_start(j, tile, vocab)
             wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
-            logits, pull = jax.vjp(lambda a, b: _logits(cfg, spec, a, b), hc, wk)
-            cols = start + jnp.arange(tile)
-            p = jnp.where(fresh, jnp.exp(logits - lc[..., None]), 0.0)
-            hit = fresh & (yc[..., None] == cols)
-            dh_k, dw_k = pull(gc[..., None] * (hit.astype(jnp.float32) - p))
+            dh_k, dw_k = jax.vmap(pull_rows, in_axes=(None, None, None, 0, 0, 0, 0))(
+                wk, start, fresh, hc, yc, lc, gc)
             dw = jax.lax.dynamic_update_slice_in_dim(
-                dw, jax.lax.dynamic_slice_in_dim(dw, start, tile, axis) + dw_k.astype(dw.dtype), start, axis)
+                dw, jax.lax.dynamic_slice_in_dim(dw, start, tile, axis + 1) + dw_k.astype(dw.dtype),
+                start, axis + 1)
             return (dh + dh_k.astype(dh.dtype), dw), None
 
         (dh, dw), _ = jax.lax.scan(step, (jnp.zeros(hc.shape, jnp.float32), dw), jnp.arange(k))
         return dw, dh
 
-    dw, dh = jax.lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), (h, y, lse, g.astype(jnp.float32)))
-    return dh.astype(h.dtype), dw.astype(w.dtype), None
+    dw = on_data(jnp.zeros((s, *w.shape), jnp.float32), 0)
+    xs = (split(h), split(y), split(lse), split(g.astype(jnp.float32)))
+    dw, dh = jax.lax.scan(chunk, dw, xs)
+    return dh.reshape(h.shape).astype(h.dtype), jnp.sum(dw, axis=0).astype(w.dtype), None
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

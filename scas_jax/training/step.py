@@ -157,6 +157,10 @@ def make_train_step(
     step), ``tokens`` (answer tokens of the step).
     """
     def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # code that needs the mesh reads it there
+            return _step(state, batch)
+
+    def _step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         total = jnp.sum(batch["weights"])
         denom = jnp.maximum(total, 1.0)
 
@@ -192,7 +196,8 @@ def make_eval_step(model_cfg: ModelConfig, cfg: TrainConfig, mesh, param_shardin
 
     def eval_fn(params, batch):
         micro = jax.tree.map(lambda x: x[0], batch)
-        return micro_loss_sum(params, model_cfg, cfg, micro), jnp.sum(micro["weights"])
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return micro_loss_sum(params, model_cfg, cfg, micro), jnp.sum(micro["weights"])
 
     replicated = NamedSharding(mesh, P())
     return jax.jit(eval_fn, in_shardings=(param_sharding, batch_shardings(mesh)),
