@@ -177,14 +177,12 @@ def local_rows(batch: int) -> int:
     return batch // shards if shards else batch
 
 
-def data_shards(batch: int) -> int:
-    """Size of the context mesh's ``data`` axis where its batch shards split ``batch``
-    rows evenly (:func:`row_shards`), else 1. A sum over rows built up in a loop (a
-    weight's gradient, tile by tile) can be kept per ``data`` shard, ``[data, ...]``,
-    and reduced over ``data`` once after the loop rather than in every step; ``fsdp``,
-    which shards the weights as well as the rows, is left to XLA."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh.shape["data"] if row_shards(mesh, batch) else 1
+def batch_shards(batch: int) -> int:
+    """The context mesh's batch shards (:func:`row_shards`) where they split ``batch``
+    rows evenly, else 1. A sum over rows built up in a loop (a weight's gradient, piece
+    by piece) can be kept per shard, ``[shards, ...]``, and reduced once after the loop
+    rather than in every step."""
+    return row_shards(jax.sharding.get_abstract_mesh(), batch) or 1
 
 
 def row_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:

@@ -186,35 +186,62 @@ def test_one_vs_eight_devices(small):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
 
 
-def test_head_gradient_is_reduced_once_per_step():
-    """The tiled log-softmax backward sums the head's gradient over the rows tile by
-    tile; on a data-parallel mesh each ``data`` shard keeps its own sum and the step
-    all-reduces it once, not once per vocabulary tile and position chunk inside the
-    loops (which it did: an all-reduce of every ``[tile, d]`` block). Same step, same
-    values as on one device."""
+def _loops_around(hlo: str, pattern: str) -> list[list[int]]:
+    """For each instruction of compiled ``hlo`` text matching ``pattern``: the trip counts
+    of the while loops it runs inside, innermost first (loops of one trip left out)."""
     import re
 
+    comps, callers, trips = {}, {}, {}
+    for comp in re.split(r"\n(?=\S)", hlo):
+        head = re.match(r"(?:ENTRY )?(%[\w.\-]+)", comp)
+        if head:
+            comps[head.group(1)] = comp
+    for name, comp in comps.items():
+        for line in comp.splitlines():
+            for callee in re.findall(r"(?:body|condition|calls|to_apply)=(%[\w.\-]+)", line):
+                callers.setdefault(callee, name)
+            if " while(" in line:
+                body = re.search(r"body=(%[\w.\-]+)", line).group(1)
+                count = re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+                trips[body] = int(count.group(1)) if count else -1
+    out = []
+    for name, comp in comps.items():
+        for line in comp.splitlines():
+            if re.search(pattern, line):
+                chain, at = [], name
+                while at in callers:
+                    if trips.get(at, 1) != 1:
+                        chain.append(trips[at])
+                    at = callers[at]
+                out.append(chain)
+    return out
+
+
+def test_head_gradient_is_reduced_once_per_tile():
+    """The tiled log-softmax backward sums the head's gradient over the sharded rows;
+    each batch shard keeps its own sum through the position chunks and the shards' sums
+    are reduced once per vocabulary tile (one head gradient's traffic a micro-batch),
+    not at every chunk of every tile (which the step did: an all-reduce of each
+    ``[tile, d]`` block inside the chunk loop). On a data mesh and on a data x fsdp mesh
+    (fsdp shards the head itself); parameters after two steps equal one device's."""
     cfg = tiny_config("llama", vocab_size=4096)
     params = init_params(cfg, jax.random.PRNGKey(0))
-    tc = TrainConfig(batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=0, steps=2,
-                     logits_vocab_tile=1024, logits_chunk=32)  # 2 chunks x 4 tiles a micro-batch
-    one, l1, _ = run_steps(cfg, params, tc, synthetic_stream(), make_mesh("data=1", jax.devices()[:1]), 2)
-    mesh = make_mesh("data=8")
-    eight, l8, fn = run_steps(cfg, params, tc, synthetic_stream(), mesh, 2)
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
-
-    batch = st.put_batch(st.to_step_batch(synthetic_stream().batch(0), 1), mesh)
-    hlo = fn.lower(eight, batch).compile().as_text()
-    tile_shape = re.compile(rf"f32\[(\d+,)*1024,{cfg.hidden_size}\]")
-    entry, loops = [], []
-    for comp in re.split(r"\n(?=\S)", hlo):
-        reduces = [ln for ln in comp.splitlines() if re.search(r"all-reduce(-start)?\(", ln)]
-        (entry if comp.startswith("ENTRY") else loops).extend(reduces)
-    assert not [ln for ln in loops if tile_shape.search(ln)], "a head tile is all-reduced inside a loop"
-    head = rf"f32\[4096,{cfg.hidden_size}\]"
-    assert any(re.search(head, ln) for ln in entry), "the head's gradient is reduced once, in the step"
+    tc = TrainConfig(batch_size=8, seq_len=96, learning_rate=1e-3, warmup_steps=0, steps=2,
+                     logits_vocab_tile=512, logits_chunk=32)  # 8 tiles x 3 chunks a micro-batch
+    stream = lambda: synthetic_stream(seq_len=96)
+    one, l1, _ = run_steps(cfg, params, tc, stream(), make_mesh("data=1", jax.devices()[:1]), 2)
+    for spec in ("data=8", "data=2,fsdp=4"):
+        mesh = make_mesh(spec)
+        many, ln, fn = run_steps(cfg, params, tc, stream(), mesh, 2)
+        np.testing.assert_allclose(ln, l1, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+        batch = st.put_batch(st.to_step_batch(stream().batch(0), 1), mesh)
+        hlo = fn.lower(many, batch).compile().as_text()
+        d = cfg.hidden_size  # the untied head is [d, vocab]: a tile is [d, 512]
+        tile_reduce = rf"= f32\[(1,)*(512,{d}|{d},512)\]\S* all-reduce(-start)?\("
+        # the layer scan has 2 trips, the chunk loop 3, the tile loop 8
+        assert _loops_around(hlo, tile_reduce) == [[8]], (spec, _loops_around(hlo, tile_reduce))
 
 
 def test_grad_accumulation_matches_full_batch(small):

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import lm_head, softcap
-from scas_jax.parallel import data_shards, local_rows
+from scas_jax.parallel import BATCH_AXES, batch_shards, local_rows
 
 # Positions of a row per log-softmax chunk (a chunk's logits: ``[batch, chunk, vocab]``
 # float32; training and the gradient check). 128 against 256: the same values bit for
@@ -132,24 +132,29 @@ def _tiled_bwd(cfg, spec, tile, res, g):
     are formed again from the saved logsumexp and pulled back through the tile's
     product (and the soft cap) into ``dh`` and the tile's columns of ``dw``.
 
-    ``dw`` sums over rows, and the rows are sharded: under a context mesh with a
-    ``data`` axis it is kept per ``data`` shard (``[shards, *w.shape]``, each shard's
-    rows a vmapped slice) and summed once after the loops
-    (:func:`scas_jax.parallel.data_shards`); summed in the loop, XLA would all-reduce
-    each tile's columns at every step (chunks x tiles collectives a micro-batch)."""
+    The vocabulary tiles are the outer loop and the position chunks the inner one, so
+    each tile's ``dw`` columns are complete when its inner loop ends. They sum over rows,
+    and the rows are sharded: each batch shard of the context mesh keeps its own sum
+    through the inner loop (``[shards, tile, d]``, its rows a vmapped slice,
+    :func:`scas_jax.parallel.batch_shards`), and the shards' sums are reduced once per
+    tile, which is one head gradient's worth of traffic a micro-batch. Summed inside the
+    inner loop, XLA would reduce every tile at every chunk (``chunks`` times the traffic,
+    each reduction waited for in turn)."""
     h, w, y, lse = res
     axis, vocab, tile, k = _tiles(w, spec, tile)
     n, b = h.shape[:2]
-    s = data_shards(b)
-    free = P.UNCONSTRAINED
+    s = batch_shards(b)
 
-    def on_data(x, axis):  # axis ``axis`` of x on the mesh's data axis, the others left to XLA
+    def on_batch(x, at):  # axis ``at`` of x over the mesh's batch axes, the others left to XLA
         if s == 1:
             return x
-        return jax.lax.with_sharding_constraint(x, P(*[("data" if i == axis else free) for i in range(x.ndim)]))
+        free = P.UNCONSTRAINED
+        return jax.lax.with_sharding_constraint(x, P(*[(BATCH_AXES if i == at else free) for i in range(x.ndim)]))
 
     def split(x):  # [n, b, ...] -> [n, s, b / s, ...]
-        return on_data(x.reshape(n, s, b // s, *x.shape[2:]), 1)
+        return on_batch(x.reshape(n, s, b // s, *x.shape[2:]), 1)
+
+    hs, ys, ls, gs = split(h), split(y), split(lse), split(g.astype(jnp.float32))
 
     def pull_rows(wk, start, fresh, hc, yc, lc, gc):
         """One shard's rows ``hc [b / s, c, d]`` -> their ``dh`` and ``dw`` of the tile."""
@@ -159,27 +164,28 @@ def _tiled_bwd(cfg, spec, tile, res, g):
         hit = fresh & (yc[..., None] == cols)
         return pull(gc[..., None] * (hit.astype(jnp.float32) - p))
 
-    def chunk(dw, xs):
-        hc, yc, lc, gc = xs
+    def vocab_tile(carry, j):
+        dh, dw = carry
+        start, fresh = _tile_start(j, tile, vocab)
+        wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
 
-        def step(carry, j):
-            dh, dw = carry
-            start, fresh = _tile_start(j, tile, vocab)
-            wk = jax.lax.dynamic_slice_in_dim(w, start, tile, axis)
-            dh_k, dw_k = jax.vmap(pull_rows, in_axes=(None, None, None, 0, 0, 0, 0))(
-                wk, start, fresh, hc, yc, lc, gc)
-            dw = jax.lax.dynamic_update_slice_in_dim(
-                dw, jax.lax.dynamic_slice_in_dim(dw, start, tile, axis + 1) + dw_k.astype(dw.dtype),
-                start, axis + 1)
-            return (dh + dh_k.astype(dh.dtype), dw), None
+        def chunk(inner, i):
+            dh, dw_k = inner
+            at = lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+            dh_c, dw_c = jax.vmap(pull_rows, in_axes=(None, None, None, 0, 0, 0, 0))(
+                wk, start, fresh, at(hs), at(ys), at(ls), at(gs))
+            dh = jax.lax.dynamic_update_index_in_dim(dh, at(dh) + dh_c.astype(dh.dtype), i, 0)
+            return (dh, dw_k + dw_c.astype(dw_k.dtype)), None
 
-        (dh, dw), _ = jax.lax.scan(step, (jnp.zeros(hc.shape, jnp.float32), dw), jnp.arange(k))
-        return dw, dh
+        dw_k = on_batch(jnp.zeros((s, *wk.shape), jnp.float32), 0)
+        (dh, dw_k), _ = jax.lax.scan(chunk, (dh, dw_k), jnp.arange(n))
+        dw = jax.lax.dynamic_update_slice_in_dim(
+            dw, jax.lax.dynamic_slice_in_dim(dw, start, tile, axis) + jnp.sum(dw_k, axis=0), start, axis)
+        return (dh, dw), None
 
-    dw = on_data(jnp.zeros((s, *w.shape), jnp.float32), 0)
-    xs = (split(h), split(y), split(lse), split(g.astype(jnp.float32)))
-    dw, dh = jax.lax.scan(chunk, dw, xs)
-    return dh.reshape(h.shape).astype(h.dtype), jnp.sum(dw, axis=0).astype(w.dtype), None
+    init = (jnp.zeros(hs.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+    (dh, dw), _ = jax.lax.scan(vocab_tile, init, jnp.arange(k))
+    return dh.reshape(h.shape).astype(h.dtype), dw.astype(w.dtype), None
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
