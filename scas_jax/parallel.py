@@ -158,13 +158,20 @@ def batch_divisor(mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def auto_batch_axes(mesh) -> tuple[str, ...]:
+    """The batch axes XLA shards (all of :data:`BATCH_AXES` but those a ``shard_map``
+    has made manual: inside it, a device's rows of those are all the rows it sees)."""
+    manual = set(getattr(mesh, "manual_axes", ()))
+    return tuple(a for a in BATCH_AXES if a not in manual)
+
+
 def row_shards(mesh, batch: int) -> int | None:
-    """The batch shards (:func:`batch_divisor`) of ``mesh`` (a ``Mesh`` or
-    ``AbstractMesh``) where they split ``batch`` rows evenly; None where ``mesh`` is
-    empty, lacks the batch axes or does not divide ``batch``."""
+    """The batch shards of ``mesh`` (a ``Mesh`` or ``AbstractMesh``: the product of its
+    :func:`auto_batch_axes` sizes) where they split ``batch`` rows evenly; None where
+    ``mesh`` is empty, lacks the batch axes or does not divide ``batch``."""
     if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return None
-    shards = batch_divisor(mesh)
+    shards = math.prod(mesh.shape[a] for a in auto_batch_axes(mesh))
     return shards if batch % shards == 0 else None
 
 

@@ -244,6 +244,29 @@ def test_head_gradient_is_reduced_once_per_tile():
         assert _loops_around(hlo, tile_reduce) == [[8]], (spec, _loops_around(hlo, tile_reduce))
 
 
+def test_accumulated_gradients_are_reduced_once(small):
+    """With ``grad_accum`` micro-batches on a data mesh, each data shard adds up its own
+    gradients through the micro-batches and the step reduces them once (no all-reduce
+    inside any loop of the compiled step: not every micro-batch, not every layer); on a
+    data x fsdp mesh too, the same values as one device taking the batch whole."""
+    cfg, params = small
+    base = dict(batch_size=24, seq_len=64, learning_rate=1e-3, warmup_steps=0, steps=2)
+    stream = lambda: synthetic_stream(batch_size=24)
+    whole, lw, _ = run_steps(cfg, params, TrainConfig(**base, grad_accum=1), stream(),
+                             make_mesh("data=1", jax.devices()[:1]), 2)
+    tc = TrainConfig(**base, grad_accum=3)  # micro-batches of 8 rows, one a device
+    for spec in ("data=8", "data=2,fsdp=4"):
+        mesh = make_mesh(spec)
+        acc, la, fn = run_steps(cfg, params, tc, stream(), mesh, 2)
+        np.testing.assert_allclose(la, lw, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(acc.params)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+        if spec == "data=8":
+            batch = st.put_batch(st.to_step_batch(stream().batch(0), 3), mesh)
+            loops = _loops_around(fn.lower(acc, batch).compile().as_text(), r"all-reduce(-start)?\(")
+            assert loops and all(chain == [] for chain in loops), loops
+
+
 def test_grad_accumulation_matches_full_batch(small):
     cfg, params = small
     mesh = make_mesh("data=1", jax.devices()[:1])

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from scas_jax.models.config import ModelConfig
 from scas_jax.models.decoder import lm_head, softcap
-from scas_jax.parallel import BATCH_AXES, batch_shards, local_rows
+from scas_jax.parallel import auto_batch_axes, batch_shards, local_rows
 
 # Positions of a row per log-softmax chunk (a chunk's logits: ``[batch, chunk, vocab]``
 # float32; training and the gradient check). 128 against 256: the same values bit for
@@ -149,7 +149,8 @@ def _tiled_bwd(cfg, spec, tile, res, g):
         if s == 1:
             return x
         free = P.UNCONSTRAINED
-        return jax.lax.with_sharding_constraint(x, P(*[(BATCH_AXES if i == at else free) for i in range(x.ndim)]))
+        axes = auto_batch_axes(jax.sharding.get_abstract_mesh())
+        return jax.lax.with_sharding_constraint(x, P(*[(axes if i == at else free) for i in range(x.ndim)]))
 
     def split(x):  # [n, b, ...] -> [n, s, b / s, ...]
         return on_batch(x.reshape(n, s, b // s, *x.shape[2:]), 1)
