@@ -46,8 +46,9 @@ from scas_jax.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
+# grad_accum=2: the micro-batch loop runs in a shard_map over data, across the processes
 TRAIN = ["steps=4", "batch_size=8", "seq_len=128", "learning_rate=1e-2", "warmup_steps=1",
-         "checkpoint_every=1", "max_to_keep=0", "mesh=data=2,fsdp=2"]
+         "checkpoint_every=1", "max_to_keep=0", "mesh=data=2,fsdp=2", "grad_accum=2"]
 
 
 # one persistent compilation cache for this module's runs: the kill test's runs and the
