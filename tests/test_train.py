@@ -52,6 +52,19 @@ def run_steps(model_cfg, params, tc: TrainConfig, stream, mesh, steps: int):
     return state, np.array(losses), fn
 
 
+def assert_same_run(want, got):
+    """Two ``run_steps`` results: the same losses and parameters (reduction-order rounding)."""
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(want[0].params), jax.tree.leaves(got[0].params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+
+
+def compiled_step_text(run, stream, grad_accum: int, mesh) -> str:
+    """The compiled HLO text of a ``run_steps`` result's step on ``stream``'s first batch."""
+    state, _, fn = run
+    return fn.lower(state, st.put_batch(st.to_step_batch(stream.batch(0), grad_accum), mesh)).compile().as_text()
+
+
 # ------------------------------------------------------------------ config
 
 
@@ -229,15 +242,12 @@ def test_head_gradient_is_reduced_once_per_tile():
     tc = TrainConfig(batch_size=8, seq_len=96, learning_rate=1e-3, warmup_steps=0, steps=2,
                      logits_vocab_tile=512, logits_chunk=32)  # 8 tiles x 3 chunks a micro-batch
     stream = lambda: synthetic_stream(seq_len=96)
-    one, l1, _ = run_steps(cfg, params, tc, stream(), make_mesh("data=1", jax.devices()[:1]), 2)
+    one = run_steps(cfg, params, tc, stream(), make_mesh("data=1", jax.devices()[:1]), 2)
     for spec in ("data=8", "data=2,fsdp=4"):
         mesh = make_mesh(spec)
-        many, ln, fn = run_steps(cfg, params, tc, stream(), mesh, 2)
-        np.testing.assert_allclose(ln, l1, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(many.params)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
-        batch = st.put_batch(st.to_step_batch(stream().batch(0), 1), mesh)
-        hlo = fn.lower(many, batch).compile().as_text()
+        many = run_steps(cfg, params, tc, stream(), mesh, 2)
+        assert_same_run(one, many)
+        hlo = compiled_step_text(many, stream(), 1, mesh)
         d = cfg.hidden_size  # the untied head is [d, vocab]: a tile is [d, 512]
         tile_reduce = rf"= f32\[(1,)*(512,{d}|{d},512)\]\S* all-reduce(-start)?\("
         # the layer scan has 2 trips, the chunk loop 3, the tile loop 8
@@ -252,18 +262,15 @@ def test_accumulated_gradients_are_reduced_once(small):
     cfg, params = small
     base = dict(batch_size=24, seq_len=64, learning_rate=1e-3, warmup_steps=0, steps=2)
     stream = lambda: synthetic_stream(batch_size=24)
-    whole, lw, _ = run_steps(cfg, params, TrainConfig(**base, grad_accum=1), stream(),
-                             make_mesh("data=1", jax.devices()[:1]), 2)
+    whole = run_steps(cfg, params, TrainConfig(**base, grad_accum=1), stream(),
+                      make_mesh("data=1", jax.devices()[:1]), 2)
     tc = TrainConfig(**base, grad_accum=3)  # micro-batches of 8 rows, one a device
     for spec in ("data=8", "data=2,fsdp=4"):
         mesh = make_mesh(spec)
-        acc, la, fn = run_steps(cfg, params, tc, stream(), mesh, 2)
-        np.testing.assert_allclose(la, lw, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(whole.params), jax.tree.leaves(acc.params)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-4)
+        acc = run_steps(cfg, params, tc, stream(), mesh, 2)
+        assert_same_run(whole, acc)
         if spec == "data=8":
-            batch = st.put_batch(st.to_step_batch(stream().batch(0), 3), mesh)
-            loops = _loops_around(fn.lower(acc, batch).compile().as_text(), r"all-reduce(-start)?\(")
+            loops = _loops_around(compiled_step_text(acc, stream(), 3, mesh), r"all-reduce(-start)?\(")
             assert loops and all(chain == [] for chain in loops), loops
 
 
