@@ -19,7 +19,7 @@ from scas_jax.assets import GSM8K_POOL
 from scas_jax.errors import ScasError
 from scas_jax.models.config import tiny_config
 from scas_jax.models.decoder import forward, init_params
-from scas_jax.parallel import make_mesh
+from scas_jax.parallel import make_mesh, param_shardings, shard_params
 from scas_jax.training import step as st
 from scas_jax.training.config import TrainConfig, load_config
 from scas_jax.training.data import (
@@ -272,6 +272,22 @@ def test_accumulated_gradients_are_reduced_once(small):
         if spec == "data=8":
             loops = _loops_around(compiled_step_text(acc, stream(), 3, mesh), r"all-reduce(-start)?\(")
             assert loops and all(chain == [] for chain in loops), loops
+
+
+def test_eval_step_on_a_mesh_equals_one_device(small):
+    """The eval step traces under its mesh (the forward attention then takes each
+    device's own rows, as the scorer does): the answer NLL sum on 8 devices equals one
+    device's, on rows long enough for the blockwise attention."""
+    cfg, params = small
+    tc = TrainConfig(batch_size=8, seq_len=320)
+    batch = st.to_step_batch(synthetic_stream(seq_len=320).batch(0), 1)
+    sums = []
+    for mesh in (make_mesh("data=1", jax.devices()[:1]), make_mesh("data=2,fsdp=4")):
+        fn = st.make_eval_step(cfg, tc, mesh, param_shardings(params, mesh))
+        total, tokens = fn(shard_params(params, mesh), st.put_batch(batch, mesh))
+        sums.append((float(total), float(tokens)))
+    assert sums[0][1] == sums[1][1] > 0
+    np.testing.assert_allclose(sums[1][0], sums[0][0], rtol=1e-5)
 
 
 def test_grad_accumulation_matches_full_batch(small):
