@@ -135,7 +135,7 @@ def _tiled_bwd(cfg, spec, tile, res, g):
     The vocabulary tiles are the outer loop and the position chunks the inner one, so
     each tile's ``dw`` columns are complete when its inner loop ends. They sum over rows,
     and the rows are sharded: each batch shard of the context mesh keeps its own sum
-    through the inner loop (``[shards, tile, d]``, its rows a vmapped slice,
+    through the inner loop (``[shards, d, tile]``, its rows a vmapped slice,
     :func:`scas_jax.parallel.batch_shards`), and the shards' sums are reduced once per
     tile, which is one head gradient's worth of traffic a micro-batch. Summed inside the
     inner loop, XLA would reduce every tile at every chunk (``chunks`` times the traffic,
