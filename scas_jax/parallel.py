@@ -180,8 +180,7 @@ def local_rows(batch: int) -> int:
     (``jax.set_mesh``, see :func:`mesh_context`): ``batch`` over the batch shards where
     they divide it, else (no mesh in context, a batch that does not split) ``batch``.
     Code that works on a device's rows a few positions at a time sizes its pieces by it."""
-    shards = row_shards(jax.sharding.get_abstract_mesh(), batch)
-    return batch // shards if shards else batch
+    return batch // batch_shards(batch)
 
 
 def batch_shards(batch: int) -> int:

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from scas_jax.models import attention_kernels
-from scas_jax.parallel import BATCH_AXES, HEAD_AXIS, row_shards
+from scas_jax.parallel import HEAD_AXIS, auto_batch_axes, row_shards
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
 BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
@@ -220,7 +220,7 @@ def _row_axes(mesh, batch: int, heads: int, kv_heads: int):
         return None
     tp = mesh.shape.get(HEAD_AXIS, 1)
     head_axis = HEAD_AXIS if tp > 1 and heads % tp == 0 and kv_heads % tp == 0 else None
-    return BATCH_AXES, head_axis
+    return auto_batch_axes(mesh), head_axis
 
 
 def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
