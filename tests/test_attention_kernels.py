@@ -306,7 +306,7 @@ def test_blockwise_forward_row_by_row_under_the_mesh(axes, window):
     for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"):
         assert op not in hlo, op
     got = np.asarray(compiled(q, k, v, seg, win))
-    together = np.asarray(A._flash_forward_heads(q, k, v, seg, win, 16))
+    together = np.asarray(A._flash_heads(q, k, v, seg, win, 16)[0])
     dense = np.asarray(A.xla_attention(q, k, v, seg, window))
     real = np.asarray(seg) > 0
     np.testing.assert_array_equal(got[real], together[real])
@@ -325,7 +325,7 @@ def test_blockwise_forward_rows_fall_back_when_the_batch_does_not_split():
     assert A._row_axes(make_mesh("data=4,tp=2").abstract_mesh, 8, 4, 1) == (("data", "fsdp"), None)
     with jax.set_mesh(make_mesh("data=8")):
         got = jax.jit(lambda *a: A.blockwise_attention(*a, None, 16))(q, k, v, seg)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(A._flash_forward_heads(q, k, v, seg, None, 16)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(A._flash_heads(q, k, v, seg, None, 16)[0]))
 
 
 def test_blockwise_forward_row_by_row_on_a_single_device_without_a_mesh():
@@ -350,7 +350,7 @@ def test_blockwise_forward_row_by_row_on_a_single_device_without_a_mesh():
         A._flash_forward_rows = lambda *a: calls.append(1) or rows(*a)
         q, k, v, seg = _packed_rows()
         got = jax.jit(lambda *a: A.blockwise_attention(*a, None, 16))(q, k, v, seg)
-        together = jax.jit(lambda *a: A._flash_forward_heads(*a, None, 16))(q, k, v, seg)
+        together = jax.jit(lambda *a: A._flash_heads(*a, None, 16)[0])(q, k, v, seg)
         dense = A.xla_attention(q, k, v, seg, None)
         real = np.asarray(seg) > 0
         np.testing.assert_allclose(np.asarray(got)[real], np.asarray(together)[real], atol=1e-6, rtol=1e-6)

@@ -162,9 +162,10 @@ def test_hf_to_ours_to_hf_roundtrip(loaded, tiny_hf_dirs, tmp_path, name):
     assert hf2.config.tie_word_embeddings == hf.config.tie_word_embeddings
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_blockwise_attention_gradients_equal_dense(window):
-    """The flash-style custom VJP gives the dense path's gradients (packed + padded rows)."""
+@pytest.mark.parametrize("window,block", [(None, 8), (5, 8), (None, 16)])
+def test_blockwise_attention_gradients_equal_dense(window, block):
+    """The flash-style custom VJP gives the dense path's gradients (packed + padded rows;
+    tiles of 16 pad the 40 positions to 48)."""
     from scas_jax.models import attention as attn_mod
 
     rng = np.random.default_rng(6)
@@ -181,7 +182,7 @@ def test_blockwise_attention_gradients_equal_dense(window):
 
     dense = jax.grad(loss(lambda q, k, v: attn_mod.xla_attention(q, k, v, seg, window)), (0, 1, 2))
     flash = jax.jit(jax.grad(
-        loss(lambda q, k, v: attn_mod.blockwise_attention(q, k, v, seg, window, 8)), (0, 1, 2)))
+        loss(lambda q, k, v: attn_mod.blockwise_attention(q, k, v, seg, window, block)), (0, 1, 2)))
     for a, b_ in zip(dense(q, k, v), flash(q, k, v)):
         np.testing.assert_allclose(np.asarray(b_), np.asarray(a), atol=1e-5, rtol=0)
 

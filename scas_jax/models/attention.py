@@ -123,48 +123,15 @@ def _scores(q_blk, k_blk, q_seg, k_seg, i, j, block, sliding_window):
     return jnp.where(ok, s, _NEG), ok
 
 
-def _flash_forward(q, k, v, segment_ids, sliding_window, block):
-    """Returns (out ``[b, T, h, d]``, residuals for the backward pass)."""
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    g = h // kvh
-    qp, kp, vp, seg, n = _pad_blocks(q, k, v, segment_ids, block)
-    qg = _grouped(qp, kvh) * jnp.asarray(d**-0.5, q.dtype)
-    first = _first_blocks(seg, n, block, sliding_window)
+def _flash_heads(q, k, v, segment_ids, sliding_window, block):
+    """The flash forward pass, heads before positions: every tile's two products are
+    plain batched matmuls over ``[b, kv_heads, g]`` with nothing moved inside the loop.
 
-    def one_query_block(i):
-        q_blk, q_seg = _block(qg, i, block), _block(seg, i, block)
-
-        def body(j, carry):
-            m, l, acc = carry
-            v_blk = _block(vp, j, block)
-            s, _ = _scores(q_blk, _block(kp, j, block), q_seg, _block(seg, j, block), i, j, block,
-                           sliding_window)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
-            pv = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v_blk,
-                            preferred_element_type=jnp.float32)
-            return m_new, l * corr + p.sum(-1), acc * jnp.moveaxis(corr, -1, 1)[..., None] + pv
-
-        init = (jnp.full((b, kvh, g, block), _NEG, jnp.float32),
-                jnp.zeros((b, kvh, g, block), jnp.float32),
-                jnp.zeros((b, block, kvh, g, d), jnp.float32))
-        m, l, acc = jax.lax.fori_loop(first[i], i + 1, body, init)
-        return acc / jnp.moveaxis(l, -1, 1)[..., None], m + jnp.log(l)
-
-    out, lse = jax.lax.map(one_query_block, jnp.arange(n))  # [n,b,blk,kvh,g,d], [n,b,kvh,g,blk]
-    out = jnp.moveaxis(out, 0, 1).reshape(b, n * block, kvh, g, d)
-    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, n * block)
-    res = (qg, kp, vp, seg, out, lse, first)
-    return out.reshape(b, n * block, h, d)[:, :t].astype(q.dtype), res
-
-
-def _flash_forward_heads(q, k, v, segment_ids, sliding_window, block):
-    """The forward pass alone (no residuals), heads before positions: every tile's two
-    products are plain batched matmuls over ``[b, kv_heads, g]`` with nothing moved
-    inside the loop. Same values as :func:`_flash_forward`'s output to float32
-    rounding."""
+    Returns (out ``[b, T, h, d]``, residuals for :func:`_flash_backward`: the scaled
+    queries ``[b, kvh, g, Tp, d]``, keys and values ``[b, kvh, Tp, d]``, the padded
+    segment ids, the output ``[b, kvh, g, Tp, d]`` (float32), its log-sum-exp
+    ``[b, kvh, g, Tp]`` and :func:`_first_blocks`). A forward pass alone drops the
+    residuals (XLA removes what is not used)."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -196,19 +163,21 @@ def _flash_forward_heads(q, k, v, segment_ids, sliding_window, block):
                 jnp.zeros((b, kvh, g, block), jnp.float32),
                 jnp.zeros((b, kvh, g, block, d), jnp.float32))
         m, l, acc = jax.lax.fori_loop(first[i], i + 1, body, init)
-        return acc / l[..., None]
+        return acc / l[..., None], m + jnp.log(l)
 
-    out = jax.lax.map(one_query_block, jnp.arange(n))  # [n, b, kvh, g, block, d]
-    out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(b, n * block, h, d)
-    return out[:, :t].astype(q.dtype)
+    out, lse = jax.lax.map(one_query_block, jnp.arange(n))  # [n,b,kvh,g,block,d], [n,b,kvh,g,block]
+    outh = jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, n * block, d)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, n * block)
+    out = jnp.transpose(outh, (0, 3, 1, 2, 4)).reshape(b, n * block, h, d)
+    return out[:, :t].astype(q.dtype), (qh, kh, vh, seg, outh, lse, first)
 
 
 def _flash_forward_rows(q, k, v, segment_ids, sliding_window, block):
-    """:func:`_flash_forward_heads` one row at a time: each row visits only the key
+    """:func:`_flash_heads`' output one row at a time: each row visits only the key
     blocks its own segments reach (all rows together visit the union over the rows).
     Slices the batch axis, so it must only see a device's own rows: see
     :func:`_forward_by_rows`."""
-    return jax.lax.map(lambda xs: _flash_forward_heads(*[x[None] for x in xs], sliding_window, block)[0],
+    return jax.lax.map(lambda xs: _flash_heads(*[x[None] for x in xs], sliding_window, block)[0][0],
                        (q, k, v, segment_ids))
 
 
@@ -229,7 +198,7 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
     ``shard_map`` hands each device its rows of the batch and the loop over rows runs
     there, so no device gathers another's rows. Without a context mesh (or where the
     batch does not split over its batch axes) all rows go together
-    (:func:`_flash_forward_heads`): a loop over a batch axis that XLA has sharded would
+    (:func:`_flash_heads`): a loop over a batch axis that XLA has sharded would
     gather the whole batch on every device; except in a process that sees one device
     in all, where nothing can be sharded and the rows go one by one again (the library
     scorer called without a mesh on a CPU host). SmolLM2, packed 4 x 1,024 GSM8K rows, a
@@ -239,7 +208,7 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
     if axes is None:
         if jax.device_count() == 1:  # one device in all: nothing is sharded, nothing gathered
             return _flash_forward_rows(q, k, v, segment_ids, sliding_window, block)
-        return _flash_forward_heads(q, k, v, segment_ids, sliding_window, block)
+        return _flash_heads(q, k, v, segment_ids, sliding_window, block)[0]
     rows, heads = axes
     spec = P(rows, None, heads, None)
     window = () if sliding_window is None else (jnp.asarray(sliding_window),)  # replicated
@@ -252,44 +221,54 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
 
 def _flash_backward(block, res, dout):
     """Flash-attention backward: probabilities recomputed tile by tile from the saved
-    log-sum-exp; only tiles the forward visited are visited."""
+    log-sum-exp; only tiles the forward visited are visited. Heads before positions, as
+    the forward: every tile's five products are plain batched matmuls over ``[b,
+    kv_heads]`` (SmolLM2 ``[4, 512]``, a layer's forward and backward on the AVX-512
+    build machine: 42 -> 30 ms against positions before heads, docs/benchmarks.md)."""
     block = block or BLOCK
-    (qg, kp, vp, seg, out, lse, first), sliding_window = res
+    (qh, kh, vh, seg, outh, lse, first), sliding_window = res
+    b, kvh, g, tp, d = outh.shape
     t = dout.shape[1]
-    b, tp, kvh, g, d = out.shape
     n = tp // block
-    do = jnp.pad(dout, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(out.shape).astype(jnp.float32)
-    delta = jnp.moveaxis(jnp.sum(do * out, axis=-1), 1, 3)  # [b, kvh, g, T]
+    do = jnp.pad(dout, ((0, 0), (0, tp - t), (0, 0), (0, 0))).astype(jnp.float32)
+    do = jnp.moveaxis(do.reshape(b, tp, kvh, g, d), 1, 3)  # [b, kvh, g, Tp, d]
+    delta = jnp.sum(do * outh, axis=-1)  # [b, kvh, g, Tp]
+
+    def rows(x, i, axis):  # the block-``i`` positions of x along ``axis``
+        return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
 
     def one_query_block(i, carry):
         dq, dk, dv = carry
-        q_blk, q_seg, do_blk = _block(qg, i, block), _block(seg, i, block), _block(do, i, block)
-        lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * block, block, axis=3)
-        delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * block, block, axis=3)
+        q_blk, do_blk = rows(qh, i, 3).astype(jnp.float32), rows(do, i, 3)
+        lse_blk, delta_blk = rows(lse, i, 3), rows(delta, i, 3)
+        q_seg, q_idx = _block(seg, i, block), i * block + jnp.arange(block)
 
         def body(j, c):
             dq_blk, dk, dv = c
-            k_blk, v_blk = _block(kp, j, block), _block(vp, j, block)
-            s, ok = _scores(q_blk, k_blk, q_seg, _block(seg, j, block), i, j, block, sliding_window)
+            k_blk, v_blk = rows(kh, j, 2).astype(jnp.float32), rows(vh, j, 2).astype(jnp.float32)
+            s = jnp.einsum("bkgtd,bksd->bkgts", q_blk, k_blk)
+            ok = _allowed(q_seg, _block(seg, j, block), q_idx, j * block + jnp.arange(block),
+                          sliding_window)[:, None, None]
             p = jnp.where(ok, jnp.exp(s - lse_blk[..., None]), 0.0)  # [b,kvh,g,bq,bk]
-            dv_blk = jnp.einsum("bkgts,btkgd->bskd", p, do_blk)
-            dp = jnp.einsum("btkgd,bskd->bkgts", do_blk, v_blk.astype(jnp.float32))
+            dv_blk = jnp.einsum("bkgts,bkgtd->bksd", p, do_blk)
+            dp = jnp.einsum("bkgtd,bksd->bkgts", do_blk, v_blk)
             ds = p * (dp - delta_blk[..., None])
-            dq_blk = dq_blk + jnp.einsum("bkgts,bskd->btkgd", ds, k_blk.astype(jnp.float32))
-            dk_blk = jnp.einsum("bkgts,btkgd->bskd", ds, q_blk.astype(jnp.float32))
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, _block(dk, j, block) + dk_blk, j * block, 1)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, _block(dv, j, block) + dv_blk, j * block, 1)
+            dq_blk = dq_blk + jnp.einsum("bkgts,bksd->bkgtd", ds, k_blk)
+            dk_blk = jnp.einsum("bkgts,bkgtd->bksd", ds, q_blk)
+            dk = jax.lax.dynamic_update_slice_in_dim(dk, rows(dk, j, 2) + dk_blk, j * block, 2)
+            dv = jax.lax.dynamic_update_slice_in_dim(dv, rows(dv, j, 2) + dv_blk, j * block, 2)
             return dq_blk, dk, dv
 
-        dq_blk = jnp.zeros((b, block, kvh, g, d), jnp.float32)
+        dq_blk = jnp.zeros((b, kvh, g, block, d), jnp.float32)
         dq_blk, dk, dv = jax.lax.fori_loop(first[i], i + 1, body, (dq_blk, dk, dv))
-        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * block, 1), dk, dv
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * block, 3), dk, dv
 
-    zeros_kv = jnp.zeros(kp.shape, jnp.float32)
+    zeros_kv = jnp.zeros(kh.shape, jnp.float32)
     dq, dk, dv = jax.lax.fori_loop(
-        0, n, one_query_block, (jnp.zeros(qg.shape, jnp.float32), zeros_kv, zeros_kv))
-    dq = (dq * d**-0.5).reshape(b, tp, kvh * g, d)[:, :t].astype(qg.dtype)
-    return dq, dk[:, :t].astype(kp.dtype), dv[:, :t].astype(vp.dtype), None, None
+        0, n, one_query_block, (jnp.zeros(qh.shape, jnp.float32), zeros_kv, zeros_kv))
+    dq = jnp.transpose(dq * d**-0.5, (0, 3, 1, 2, 4)).reshape(b, tp, kvh * g, d)[:, :t]
+    dk, dv = (jnp.moveaxis(x, 2, 1)[:, :t] for x in (dk, dv))
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
 # The window is an ordinary (non-differentiated) argument, not a static one, so a layer
@@ -304,7 +283,7 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=None):
 
 
 def _vjp_fwd(q, k, v, segment_ids, sliding_window, block):
-    out, res = _flash_forward(q, k, v, segment_ids, sliding_window, block or BLOCK)
+    out, res = _flash_heads(q, k, v, segment_ids, sliding_window, block or BLOCK)
     return out, (res, sliding_window)
 
 
