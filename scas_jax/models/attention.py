@@ -222,9 +222,11 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
 def _flash_backward(block, res, dout):
     """Flash-attention backward: probabilities recomputed tile by tile from the saved
     log-sum-exp; only tiles the forward visited are visited. Heads before positions, as
-    the forward: every tile's five products are plain batched matmuls over ``[b,
-    kv_heads]`` (SmolLM2 ``[4, 512]``, a layer's forward and backward on the AVX-512
-    build machine: 42 -> 30 ms against positions before heads, docs/benchmarks.md)."""
+    the forward, and each tile held keys first (``[b, kvh, keys, g * queries]``): the
+    products for the keys' and values' gradients then contract the tile's last axis
+    and only the queries' gradient reads it transposed (SmolLM2 ``[4, 512]``, a layer's
+    forward and backward on the AVX-512 build machine: 48 ms with positions before
+    heads, 36 with heads first, 31 keys first; docs/benchmarks.md)."""
     block = block or BLOCK
     (qh, kh, vh, seg, outh, lse, first), sliding_window = res
     b, kvh, g, tp, d = outh.shape
@@ -239,28 +241,33 @@ def _flash_backward(block, res, dout):
 
     def one_query_block(i, carry):
         dq, dk, dv = carry
-        q_blk, do_blk = rows(qh, i, 3).astype(jnp.float32), rows(do, i, 3)
-        lse_blk, delta_blk = rows(lse, i, 3), rows(delta, i, 3)
+        # this block's queries, g heads each, as one axis x = (g, query): [b, kvh, x, ...]
+        q_blk = rows(qh, i, 3).astype(jnp.float32).reshape(b, kvh, g * block, d)
+        do_blk = rows(do, i, 3).reshape(b, kvh, g * block, d)
+        lse_blk = rows(lse, i, 3).reshape(b, kvh, 1, g * block)
+        delta_blk = rows(delta, i, 3).reshape(b, kvh, 1, g * block)
         q_seg, q_idx = _block(seg, i, block), i * block + jnp.arange(block)
 
         def body(j, c):
             dq_blk, dk, dv = c
             k_blk, v_blk = rows(kh, j, 2).astype(jnp.float32), rows(vh, j, 2).astype(jnp.float32)
-            s = jnp.einsum("bkgtd,bksd->bkgts", q_blk, k_blk)
             ok = _allowed(q_seg, _block(seg, j, block), q_idx, j * block + jnp.arange(block),
-                          sliding_window)[:, None, None]
-            p = jnp.where(ok, jnp.exp(s - lse_blk[..., None]), 0.0)  # [b,kvh,g,bq,bk]
-            dv_blk = jnp.einsum("bkgts,bkgtd->bksd", p, do_blk)
-            dp = jnp.einsum("bkgtd,bksd->bkgts", do_blk, v_blk)
-            ds = p * (dp - delta_blk[..., None])
-            dq_blk = dq_blk + jnp.einsum("bkgts,bksd->bkgtd", ds, k_blk)
-            dk_blk = jnp.einsum("bkgts,bkgtd->bksd", ds, q_blk)
+                          sliding_window)  # [b, queries, keys]
+            ok = jnp.broadcast_to(jnp.swapaxes(ok, 1, 2)[:, None, :, None, :],
+                                  (b, 1, block, g, block)).reshape(b, 1, block, g * block)
+            s = jnp.einsum("bksd,bkxd->bksx", k_blk, q_blk)
+            p = jnp.where(ok, jnp.exp(s - lse_blk), 0.0)  # [b, kvh, keys, x]
+            dv_blk = jnp.einsum("bksx,bkxd->bksd", p, do_blk)
+            ds = p * (jnp.einsum("bksd,bkxd->bksx", v_blk, do_blk) - delta_blk)
+            dq_blk = dq_blk + jnp.einsum("bksx,bksd->bkxd", ds, k_blk)
+            dk_blk = jnp.einsum("bksx,bkxd->bksd", ds, q_blk)
             dk = jax.lax.dynamic_update_slice_in_dim(dk, rows(dk, j, 2) + dk_blk, j * block, 2)
             dv = jax.lax.dynamic_update_slice_in_dim(dv, rows(dv, j, 2) + dv_blk, j * block, 2)
             return dq_blk, dk, dv
 
-        dq_blk = jnp.zeros((b, kvh, g, block, d), jnp.float32)
+        dq_blk = jnp.zeros((b, kvh, g * block, d), jnp.float32)
         dq_blk, dk, dv = jax.lax.fori_loop(first[i], i + 1, body, (dq_blk, dk, dv))
+        dq_blk = dq_blk.reshape(b, kvh, g, block, d)
         return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * block, 3), dk, dv
 
     zeros_kv = jnp.zeros(kh.shape, jnp.float32)
