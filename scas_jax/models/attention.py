@@ -115,14 +115,6 @@ def _block(x, j, block):
     return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
 
 
-def _scores(q_blk, k_blk, q_seg, k_seg, i, j, block, sliding_window):
-    """Masked scores ``[b, kvh, g, block_q, block_k]`` (float32) and the mask."""
-    s = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
-    ok = _allowed(q_seg, k_seg, i * block + jnp.arange(block), j * block + jnp.arange(block),
-                  sliding_window)[:, None, None]
-    return jnp.where(ok, s, _NEG), ok
-
-
 def _flash_heads(q, k, v, segment_ids, sliding_window, block):
     """The flash forward pass, heads before positions: every tile's two products are
     plain batched matmuls over ``[b, kv_heads, g]`` with nothing moved inside the loop.
@@ -225,8 +217,8 @@ def _flash_backward(block, res, dout):
     the forward, and each tile held keys first (``[b, kvh, keys, g * queries]``): the
     products for the keys' and values' gradients then contract the tile's last axis
     and only the queries' gradient reads it transposed (SmolLM2 ``[4, 512]``, a layer's
-    forward and backward on the AVX-512 build machine: 48 ms with positions before
-    heads, 36 with heads first, 31 keys first; docs/benchmarks.md)."""
+    forward and backward on the AVX-512 build machine: 53-55 ms with tiles held
+    positions first, 35-41 ms so; docs/benchmarks.md)."""
     block = block or BLOCK
     (qh, kh, vh, seg, outh, lse, first), sliding_window = res
     b, kvh, g, tp, d = outh.shape
