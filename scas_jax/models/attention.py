@@ -111,8 +111,9 @@ def _first_blocks(segment_ids, n, block, sliding_window):
     return jnp.maximum(first, 0)
 
 
-def _block(x, j, block):
-    return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
+def _block(x, j, block, axis=1):
+    """Block ``j`` (``block`` positions) of ``x`` along its positions ``axis``."""
+    return jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
 
 
 def _flash_heads(q, k, v, segment_ids, sliding_window, block):
@@ -133,13 +134,13 @@ def _flash_heads(q, k, v, segment_ids, sliding_window, block):
     first = _first_blocks(seg, n, block, sliding_window)
 
     def one_query_block(i):
-        q_blk = jax.lax.dynamic_slice_in_dim(qh, i * block, block, axis=3)
+        q_blk = _block(qh, i, block, 3)
         q_seg, q_idx = _block(seg, i, block), i * block + jnp.arange(block)
 
         def body(j, carry):
             m, l, acc = carry
-            k_blk = jax.lax.dynamic_slice_in_dim(kh, j * block, block, axis=2)
-            v_blk = jax.lax.dynamic_slice_in_dim(vh, j * block, block, axis=2)
+            k_blk = _block(kh, j, block, 2)
+            v_blk = _block(vh, j, block, 2)
             s = jnp.einsum("bkgtd,bksd->bkgts", q_blk, k_blk, preferred_element_type=jnp.float32)
             ok = _allowed(q_seg, _block(seg, j, block), q_idx, j * block + jnp.arange(block),
                           sliding_window)[:, None, None]
@@ -228,21 +229,18 @@ def _flash_backward(block, res, dout):
     do = jnp.moveaxis(do.reshape(b, tp, kvh, g, d), 1, 3)  # [b, kvh, g, Tp, d]
     delta = jnp.sum(do * outh, axis=-1)  # [b, kvh, g, Tp]
 
-    def rows(x, i, axis):  # the block-``i`` positions of x along ``axis``
-        return jax.lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
-
     def one_query_block(i, carry):
         dq, dk, dv = carry
         # this block's queries, g heads each, as one axis x = (g, query): [b, kvh, x, ...]
-        q_blk = rows(qh, i, 3).astype(jnp.float32).reshape(b, kvh, g * block, d)
-        do_blk = rows(do, i, 3).reshape(b, kvh, g * block, d)
-        lse_blk = rows(lse, i, 3).reshape(b, kvh, 1, g * block)
-        delta_blk = rows(delta, i, 3).reshape(b, kvh, 1, g * block)
+        q_blk = _block(qh, i, block, 3).astype(jnp.float32).reshape(b, kvh, g * block, d)
+        do_blk = _block(do, i, block, 3).reshape(b, kvh, g * block, d)
+        lse_blk = _block(lse, i, block, 3).reshape(b, kvh, 1, g * block)
+        delta_blk = _block(delta, i, block, 3).reshape(b, kvh, 1, g * block)
         q_seg, q_idx = _block(seg, i, block), i * block + jnp.arange(block)
 
         def body(j, c):
             dq_blk, dk, dv = c
-            k_blk, v_blk = rows(kh, j, 2).astype(jnp.float32), rows(vh, j, 2).astype(jnp.float32)
+            k_blk, v_blk = (_block(x, j, block, 2).astype(jnp.float32) for x in (kh, vh))
             ok = _allowed(q_seg, _block(seg, j, block), q_idx, j * block + jnp.arange(block),
                           sliding_window)  # [b, queries, keys]
             ok = jnp.broadcast_to(jnp.swapaxes(ok, 1, 2)[:, None, :, None, :],
@@ -253,9 +251,12 @@ def _flash_backward(block, res, dout):
             ds = p * (jnp.einsum("bksd,bkxd->bksx", v_blk, do_blk) - delta_blk)
             dq_blk = dq_blk + jnp.einsum("bksx,bksd->bkxd", ds, k_blk)
             dk_blk = jnp.einsum("bksx,bkxd->bksd", ds, q_blk)
-            dk = jax.lax.dynamic_update_slice_in_dim(dk, rows(dk, j, 2) + dk_blk, j * block, 2)
-            dv = jax.lax.dynamic_update_slice_in_dim(dv, rows(dv, j, 2) + dv_blk, j * block, 2)
-            return dq_blk, dk, dv
+
+            def add(x, x_blk):  # x with x_blk added to its block j
+                summed = _block(x, j, block, 2) + x_blk
+                return jax.lax.dynamic_update_slice_in_dim(x, summed, j * block, 2)
+
+            return dq_blk, add(dk, dk_blk), add(dv, dv_blk)
 
         dq_blk = jnp.zeros((b, kvh, g * block, d), jnp.float32)
         dq_blk, dk, dv = jax.lax.fori_loop(first[i], i + 1, body, (dq_blk, dk, dv))
