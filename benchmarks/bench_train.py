@@ -7,7 +7,8 @@ SCAS as a fraction of step time, in one run on this machine.
 Both sides train SmolLM2-135M-Instruct (the bundled GGUF, dequantised to float32) on the
 same random token batch ``[batch, seq]`` (every position a target), float32, AdamW with
 global-norm clipping at 1.0. tokens/s = batch * seq / median step time (after warm-up
-steps that include compilation).
+steps that include compilation); each side also lists every timed step, since a shared
+machine's speed can drift within a run.
 
 Selection cost: for each K, the candidates of the questions of K steps (``batch``
 questions per step from the bundled GSM8K pool, ``seq`` as the length limit) are scored
@@ -145,11 +146,14 @@ def main() -> None:
         "machine": machine.describe(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)",
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-        "scas_jax": {"step_s": round(ours_s, 4), "tokens_per_s": round(args.batch * args.seq / ours_s, 1)},
+        "scas_jax": {"step_s": round(ours_s, 4), "tokens_per_s": round(args.batch * args.seq / ours_s, 1),
+                     "each_step_s": [round(t, 3) for t in ours]},
     }
     if not args.skip_torch:
-        torch_s = statistics.median(torch_step(str(gguf.parent), gguf.name, tokens, args.warmup, args.steps))
-        result["torch"] = {"step_s": round(torch_s, 4), "tokens_per_s": round(args.batch * args.seq / torch_s, 1)}
+        theirs = torch_step(str(gguf.parent), gguf.name, tokens, args.warmup, args.steps)
+        torch_s = statistics.median(theirs)
+        result["torch"] = {"step_s": round(torch_s, 4), "tokens_per_s": round(args.batch * args.seq / torch_s, 1),
+                           "each_step_s": [round(t, 3) for t in theirs]}
         result["speedup"] = round(torch_s / ours_s, 3)
     if not args.skip_selection:
         ks = [int(k) for k in args.ks.split(",") if k]
