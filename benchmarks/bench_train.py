@@ -39,6 +39,13 @@ def timed(fn, warmup: int, steps: int) -> list[float]:
     return out
 
 
+def side(times: list[float], tokens: int) -> dict:
+    """One side's row: median step seconds, tokens/s at the median, every timed step."""
+    med = statistics.median(times)
+    return {"step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1),
+            "each_step_s": [round(t, 3) for t in times]}
+
+
 def jax_step(student, batch_tokens, cfg, warmup: int, steps: int):
     """Seconds per step of our jitted train step, and the train state after it."""
     import jax
@@ -146,15 +153,12 @@ def main() -> None:
         "machine": machine.describe(),
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)",
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-        "scas_jax": {"step_s": round(ours_s, 4), "tokens_per_s": round(args.batch * args.seq / ours_s, 1),
-                     "each_step_s": [round(t, 3) for t in ours]},
+        "scas_jax": side(ours, args.batch * args.seq),
     }
     if not args.skip_torch:
         theirs = torch_step(str(gguf.parent), gguf.name, tokens, args.warmup, args.steps)
-        torch_s = statistics.median(theirs)
-        result["torch"] = {"step_s": round(torch_s, 4), "tokens_per_s": round(args.batch * args.seq / torch_s, 1),
-                           "each_step_s": [round(t, 3) for t in theirs]}
-        result["speedup"] = round(torch_s / ours_s, 3)
+        result["torch"] = side(theirs, args.batch * args.seq)
+        result["speedup"] = round(statistics.median(theirs) / ours_s, 3)
     if not args.skip_selection:
         ks = [int(k) for k in args.ks.split(",") if k]
         result["selection"] = selection_cost(student, state, mesh, cfg, ks, ours_s)
