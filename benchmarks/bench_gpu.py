@@ -82,9 +82,9 @@ def device_info() -> dict:
 
 def attn_choice(seq: int, dtype, head_dim: int) -> str:
     from scas_jax.models import attention_kernels as K
-    from scas_jax.models.attention import DENSE_MAX
+    from scas_jax.models.attention import BLOCK
 
-    impl, why = K.choose_impl(K.current_backend(), seq, dtype, head_dim, dense_max=DENSE_MAX)
+    impl, why = K.choose_impl(K.current_backend(), seq, dtype, head_dim, block=BLOCK)
     return impl + (f" ({why})" if why else "")
 
 

@@ -52,7 +52,7 @@ def _operands(b=2, t=13, h=4, kvh=2, d=8, seed=0):
     ("tpu", "float32", 256, 5000, "splash"),
 ])
 def test_choose_impl_auto(backend, dtype, head_dim, seq, want):
-    impl, _ = K.choose_impl(backend, seq, jnp.dtype(dtype), head_dim, dense_max=256)
+    impl, _ = K.choose_impl(backend, seq, jnp.dtype(dtype), head_dim, block=128)
     assert impl == want
 
 
@@ -84,9 +84,9 @@ def test_choose_impl_fallbacks_and_reasons():
 
 def test_cpu_auto_unchanged():
     q, k, v, seg = _operands()
-    assert K.resolve("auto", q, None, A.DENSE_MAX, backend="cpu") == "xla"
+    assert K.resolve("auto", q, None, 128, backend="cpu") == "xla"
     q = jnp.zeros((1, 300, 4, 8))
-    assert K.resolve("auto", q, None, A.DENSE_MAX, backend="cpu") == "blockwise"
+    assert K.resolve("auto", q, None, 128, backend="cpu") == "blockwise"
 
 
 def test_explicit_kernel_falls_back_on_cpu_and_logs_once(caplog):

@@ -10,22 +10,21 @@ Implementations:
 
 - ``xla``: the dense ``[batch, heads, seq, seq]`` formulation; differentiable; best for
   short rows and for training.
-- ``blockwise``: a forward pass alone runs a flash-style online softmax over
-  ``block`` x ``block`` tiles, never holding more than ``[batch, heads, block, block]``
-  scores; key blocks past the diagonal, before the earliest segment start of a query
-  block (packed rows) or outside the sliding window are skipped; it goes row by row on
-  each device's own rows when a mesh is in context (each row visits only the blocks its
-  own segments reach). Differentiated, it is a custom VJP over static query spans
-  (each span against its causal prefix of keys in one product, at most
-  ``[batch, heads, span, seq]`` scores) whose backward forms each span's probabilities
-  again from the saved log-sum-exp, so training stores no ``[seq, seq]`` residual.
+- ``blockwise``: flash-style online softmax over ``block`` x ``block`` tiles, never
+  holding more than ``[batch, heads, block, block]`` scores; key blocks past the
+  diagonal, before the earliest segment start of a query block (packed rows) or
+  outside the sliding window are skipped; a forward pass alone goes row by row on each
+  device's own rows when a mesh is in context (each row visits only the blocks its own
+  segments reach). Differentiable through a flash-attention
+  backward (a custom VJP that recomputes each visited tile from the saved
+  log-sum-exp), so training at long lengths stores no ``[seq, seq]`` residual either.
 - ``cudnn`` (NVIDIA GPU) and ``splash`` (TPU, Pallas): vendor flash-attention kernels,
   see :mod:`scas_jax.models.attention_kernels`; where one does not apply (float32 on
   cuDNN, an unsupported head dim, a traced window on splash, another backend) the
   call falls back to ``blockwise`` and logs the reason once.
 - ``auto``: by backend (:func:`scas_jax.models.attention_kernels.choose_impl`): GPU ->
   ``cudnn`` where it applies, TPU -> ``splash`` where available, otherwise (and on CPU)
-  ``blockwise`` when ``seq > DENSE_MAX`` (256), else ``xla``.
+  ``blockwise`` when ``seq > 2 * block``, else ``xla``.
 """
 
 from __future__ import annotations
@@ -41,16 +40,7 @@ from scas_jax.models import attention_kernels
 from scas_jax.parallel import HEAD_AXIS, auto_batch_axes, row_shards
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
-# Query span of a differentiated pass (:func:`_spans`), and the most spans a row is cut
-# into (longer rows take longer spans: at most ``[batch, heads, seq / 64, seq]`` scores
-# at once). SmolLM2's attention, 30 layers' forward and backward, on the AVX2 machine:
-# [4, 512] rows in spans of 32 1.91 s, 64 1.53-1.73 s, 128 1.61-1.98 s, 256 2.06 s, the
-# whole row 2.92 s; [4, 1024] rows in spans of 64 6.1-6.4 s, 128 7.3 s
-# (docs/benchmarks.md).
-BLOCK = 64
-MAX_SPANS = 64
-# ``auto`` on CPU: the dense path up to this many positions, ``blockwise`` past it.
-DENSE_MAX = 256
+BLOCK = 128  # measured on CPU: 128 beats 256 and dense attention on packed 1024-token rows
 
 
 def forward_block(seq: int) -> int:
@@ -130,8 +120,11 @@ def _flash_heads(q, k, v, segment_ids, sliding_window, block):
     """The flash forward pass, heads before positions: every tile's two products are
     plain batched matmuls over ``[b, kv_heads, g]`` with nothing moved inside the loop.
 
-    Returns (out ``[b, T, h, d]``, its log-sum-exp ``[b, kvh, g, Tp]``). A forward pass
-    alone: differentiated passes take static spans (:func:`_span_forward`)."""
+    Returns (out ``[b, T, h, d]``, residuals for :func:`_flash_backward`: the scaled
+    queries ``[b, kvh, g, Tp, d]``, keys and values ``[b, kvh, Tp, d]``, the padded
+    segment ids, the output ``[b, kvh, g, Tp, d]`` (float32), its log-sum-exp
+    ``[b, kvh, g, Tp]`` and :func:`_first_blocks`). A forward pass alone drops the
+    residuals (XLA removes what is not used)."""
     b, t, h, d = q.shape
     kvh = k.shape[2]
     g = h // kvh
@@ -169,7 +162,7 @@ def _flash_heads(q, k, v, segment_ids, sliding_window, block):
     outh = jnp.moveaxis(out, 0, 3).reshape(b, kvh, g, n * block, d)
     lse = jnp.moveaxis(lse, 0, 3).reshape(b, kvh, g, n * block)
     out = jnp.transpose(outh, (0, 3, 1, 2, 4)).reshape(b, n * block, h, d)
-    return out[:, :t].astype(q.dtype), lse
+    return out[:, :t].astype(q.dtype), (qh, kh, vh, seg, outh, lse, first)
 
 
 def _flash_forward_rows(q, k, v, segment_ids, sliding_window, block):
@@ -219,79 +212,62 @@ def _forward_by_rows(q, k, v, segment_ids, sliding_window, block):
     )(q, k, v, segment_ids, *window)
 
 
-def _spans(seq: int, block: int) -> list[tuple[int, int]]:
-    """Query spans ``(start, stop)`` of a differentiated pass: ``block`` positions each
-    (the last one shorter), at least ``seq / MAX_SPANS`` so the unrolled code stays
-    small."""
-    block = max(block, -(-seq // MAX_SPANS))
-    return [(a, min(seq, a + block)) for a in range(0, seq, block)]
+def _flash_backward(block, res, dout):
+    """Flash-attention backward: probabilities recomputed tile by tile from the saved
+    log-sum-exp; only tiles the forward visited are visited. Heads before positions, as
+    the forward, and each tile held keys first (``[b, kvh, keys, g * queries]``): the
+    products for the keys' and values' gradients then contract the tile's last axis
+    and only the queries' gradient reads it transposed (SmolLM2 ``[4, 512]``, a layer's
+    forward and backward on the AVX-512 build machine: 53-55 ms with tiles held
+    positions first, 35-41 ms so; docs/benchmarks.md)."""
+    block = block or BLOCK
+    (qh, kh, vh, seg, outh, lse, first), sliding_window = res
+    b, kvh, g, tp, d = outh.shape
+    t = dout.shape[1]
+    n = tp // block
+    do = jnp.pad(dout, ((0, 0), (0, tp - t), (0, 0), (0, 0))).astype(jnp.float32)
+    do = jnp.moveaxis(do.reshape(b, tp, kvh, g, d), 1, 3)  # [b, kvh, g, Tp, d]
+    delta = jnp.sum(do * outh, axis=-1)  # [b, kvh, g, Tp]
 
+    def one_query_block(i, carry):
+        dq, dk, dv = carry
+        # this block's queries, g heads each, as one axis x = (g, query): [b, kvh, x, ...]
+        q_blk = _block(qh, i, block, 3).astype(jnp.float32).reshape(b, kvh, g * block, d)
+        do_blk = _block(do, i, block, 3).reshape(b, kvh, g * block, d)
+        lse_blk = _block(lse, i, block, 3).reshape(b, kvh, 1, g * block)
+        delta_blk = _block(delta, i, block, 3).reshape(b, kvh, 1, g * block)
+        q_seg, q_idx = _block(seg, i, block), i * block + jnp.arange(block)
 
-def _span_mask(segment_ids, a: int, e: int, sliding_window):
-    """``[batch, 1, 1, e - a, e]``: what queries ``a:e`` may see of keys ``:e``."""
-    idx = jnp.arange(segment_ids.shape[1])
-    ok = _allowed(segment_ids[:, a:e], segment_ids[:, :e], idx[a:e], idx[:e], sliding_window)
-    return ok[:, None, None]
+        def body(j, c):
+            dq_blk, dk, dv = c
+            k_blk, v_blk = (_block(x, j, block, 2).astype(jnp.float32) for x in (kh, vh))
+            ok = _allowed(q_seg, _block(seg, j, block), q_idx, j * block + jnp.arange(block),
+                          sliding_window)  # [b, queries, keys]
+            ok = jnp.broadcast_to(jnp.swapaxes(ok, 1, 2)[:, None, :, None, :],
+                                  (b, 1, block, g, block)).reshape(b, 1, block, g * block)
+            s = jnp.einsum("bksd,bkxd->bksx", k_blk, q_blk)
+            p = jnp.where(ok, jnp.exp(s - lse_blk), 0.0)  # [b, kvh, keys, x]
+            dv_blk = jnp.einsum("bksx,bkxd->bksd", p, do_blk)
+            ds = p * (jnp.einsum("bksd,bkxd->bksx", v_blk, do_blk) - delta_blk)
+            dq_blk = dq_blk + jnp.einsum("bksx,bksd->bkxd", ds, k_blk)
+            dk_blk = jnp.einsum("bksx,bkxd->bksd", ds, q_blk)
 
+            def add(x, x_blk):  # x with x_blk added to its block j
+                summed = _block(x, j, block, 2) + x_blk
+                return jax.lax.dynamic_update_slice_in_dim(x, summed, j * block, 2)
 
-def _span_forward(q, k, v, segment_ids, sliding_window, block):
-    """The differentiated forward pass: the queries in static spans (:func:`_spans`),
-    each span against the keys up to its end (the causal prefix) as one dense product,
-    so no key past a span's end is read and every shape is static.
+            return dq_blk, add(dk, dk_blk), add(dv, dv_blk)
 
-    Returns (out ``[b, T, h, d]``, residuals for :func:`_span_backward`: the scaled
-    queries ``[b, kvh, g, T, d]``, keys and values ``[b, kvh, T, d]``, the segment ids,
-    the output ``[b, kvh, g, T, d]`` (float32) and its log-sum-exp ``[b, kvh, g, T]``).
-    Scores held at once: ``[b, h, span, T]`` at most."""
-    b, t, h, d = q.shape
-    kvh = k.shape[2]
-    qh = jnp.moveaxis(_grouped(q, kvh) * jnp.asarray(d**-0.5, q.dtype), 1, 3)  # [b,kvh,g,T,d]
-    kh, vh = jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2)  # [b, kvh, T, d]
-    outs, lses = [], []
-    for a, e in _spans(t, block):
-        s = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, a:e], kh[:, :, :e],
-                       preferred_element_type=jnp.float32)
-        s = jnp.where(_span_mask(segment_ids, a, e, sliding_window), s, _NEG)
-        m = s.max(-1, keepdims=True)
-        p = jnp.exp(s - m)
-        l = p.sum(-1, keepdims=True)
-        pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), vh[:, :, :e],
-                        preferred_element_type=jnp.float32)
-        outs.append(pv / l)
-        lses.append((m + jnp.log(l))[..., 0])
-    outh, lse = jnp.concatenate(outs, 3), jnp.concatenate(lses, 3)
-    out = jnp.transpose(outh, (0, 3, 1, 2, 4)).reshape(b, t, h, d)
-    return out.astype(q.dtype), (qh, kh, vh, segment_ids, outh, lse)
+        dq_blk = jnp.zeros((b, kvh, g * block, d), jnp.float32)
+        dq_blk, dk, dv = jax.lax.fori_loop(first[i], i + 1, body, (dq_blk, dk, dv))
+        dq_blk = dq_blk.reshape(b, kvh, g, block, d)
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * block, 3), dk, dv
 
-
-def _span_backward(block, res, dout):
-    """Flash-attention backward over the forward's spans: each span's probabilities are
-    formed again from the saved log-sum-exp (one product), and the queries', keys' and
-    values' gradients of the span are dense products over its causal prefix. SmolLM2's
-    attention, ``[4, 512]`` rows, 30 layers' forward and backward on the AVX2 machine:
-    2.5-2.9 s with 128 x 128 tiles in loops (fori_loops over the visited tiles), 1.5-1.7 s
-    in spans of 64; ``[4, 1024]`` rows 9.4-10.5 s against 6.1-6.6 s (docs/benchmarks.md).
-    Each key's gradient sums its spans' contributions, padded to the row (a chain of
-    in-place updates sends XLA's simplifier round in circles past a few dozen spans)."""
-    (qh, kh, vh, seg, outh, lse), sliding_window = res
-    b, kvh, g, t, d = outh.shape
-    do = jnp.moveaxis(dout.astype(jnp.float32).reshape(b, t, kvh, g, d), 1, 3)  # [b,kvh,g,T,d]
-    delta = jnp.sum(do * outh, axis=-1)  # [b, kvh, g, T]
-    qf, kf, vf = (x.astype(jnp.float32) for x in (qh, kh, vh))
-    dqs, dks, dvs = [], [], []
-    for a, e in _spans(t, block or BLOCK):
-        q_s, do_s = qf[:, :, :, a:e], do[:, :, :, a:e]
-        s = jnp.einsum("bkgtd,bksd->bkgts", q_s, kf[:, :, :e])
-        p = jnp.where(_span_mask(seg, a, e, sliding_window), jnp.exp(s - lse[:, :, :, a:e, None]), 0.0)
-        ds = p * (jnp.einsum("bkgtd,bksd->bkgts", do_s, vf[:, :, :e]) - delta[:, :, :, a:e, None])
-        dqs.append(jnp.einsum("bkgts,bksd->bkgtd", ds, kf[:, :, :e]))
-        widths = ((0, 0), (0, 0), (0, t - e), (0, 0))  # the keys past the span's end: none
-        dks.append(jnp.pad(jnp.einsum("bkgts,bkgtd->bksd", ds, q_s), widths))
-        dvs.append(jnp.pad(jnp.einsum("bkgts,bkgtd->bksd", p, do_s), widths))
-    dq = jnp.concatenate(dqs, 3) * d**-0.5
-    dk, dv = sum(dks), sum(dvs)
-    dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(b, t, kvh * g, d)
-    dk, dv = (jnp.moveaxis(x, 2, 1) for x in (dk, dv))
+    zeros_kv = jnp.zeros(kh.shape, jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(
+        0, n, one_query_block, (jnp.zeros(qh.shape, jnp.float32), zeros_kv, zeros_kv))
+    dq = jnp.transpose(dq * d**-0.5, (0, 3, 1, 2, 4)).reshape(b, tp, kvh * g, d)[:, :t]
+    dk, dv = (jnp.moveaxis(x, 2, 1)[:, :t] for x in (dk, dv))
     return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
@@ -307,18 +283,18 @@ def blockwise_attention(q, k, v, segment_ids, sliding_window=None, block=None):
 
 
 def _vjp_fwd(q, k, v, segment_ids, sliding_window, block):
-    out, res = _span_forward(q, k, v, segment_ids, sliding_window, block or BLOCK)
+    out, res = _flash_heads(q, k, v, segment_ids, sliding_window, block or BLOCK)
     return out, (res, sliding_window)
 
 
-blockwise_attention.defvjp(_vjp_fwd, _span_backward)
+blockwise_attention.defvjp(_vjp_fwd, _flash_backward)
 
 
 def attention(q, k, v, segment_ids, sliding_window=None, impl="xla", block=None):
     """Dispatch on ``impl`` (``xla``, ``blockwise``, ``cudnn``, ``splash``, ``auto``);
     shapes as :func:`xla_attention`."""
     if impl in ("auto", "cudnn", "splash"):
-        impl = attention_kernels.resolve(impl, q, sliding_window, DENSE_MAX)
+        impl = attention_kernels.resolve(impl, q, sliding_window, block or BLOCK)
     if impl == "cudnn":
         return attention_kernels.cudnn_attention(q, k, v, segment_ids, sliding_window)
     if impl == "splash":

@@ -53,9 +53,9 @@ def _log_once(msg: str) -> None:
         log.warning("%s", msg)
 
 
-def cpu_rule(seq: int, dense_max: int) -> str:
-    """The portable choice: ``blockwise`` when ``seq > dense_max``, else ``xla``."""
-    return "blockwise" if seq > dense_max else "xla"
+def cpu_rule(seq: int, block: int) -> str:
+    """The portable choice: ``blockwise`` when ``seq > 2 * block``, else ``xla``."""
+    return "blockwise" if seq > 2 * block else "xla"
 
 
 def cudnn_unsupported(dtype, head_dim: int, head_dim_max: int = 256) -> str | None:
@@ -68,7 +68,7 @@ def cudnn_unsupported(dtype, head_dim: int, head_dim_max: int = 256) -> str | No
     return None
 
 
-def choose_impl(backend: str, seq: int, dtype, head_dim: int, *, dense_max: int = 256,
+def choose_impl(backend: str, seq: int, dtype, head_dim: int, *, block: int = 128,
                 static_window: bool = True, splash_available: bool = True,
                 cudnn_head_dim_max: int = 256, devices: int = 1,
                 requested: str = "auto") -> tuple[str, str | None]:
@@ -78,7 +78,7 @@ def choose_impl(backend: str, seq: int, dtype, head_dim: int, *, dense_max: int 
     where the kernel is importable, the window static and there is one device (a Pallas
     call is not partitioned by the compiler; a multi-chip mesh would need a shard_map
     around it, not wired yet); otherwise (and on CPU) the
-    portable rule (``blockwise`` past ``dense_max`` tokens, else ``xla``). A requested
+    portable rule (``blockwise`` past ``2 * block`` tokens, else ``xla``). A requested
     ``cudnn``/``splash`` that does not apply falls back to ``blockwise``; ``xla`` and
     ``blockwise`` are returned as they are.
     """
@@ -87,7 +87,7 @@ def choose_impl(backend: str, seq: int, dtype, head_dim: int, *, dense_max: int 
         return requested, None
     if requested not in ("auto", "cudnn", "splash"):
         raise ValueError(f"unknown attention implementation {requested!r}")
-    fallback = "blockwise" if requested != "auto" else cpu_rule(seq, dense_max)
+    fallback = "blockwise" if requested != "auto" else cpu_rule(seq, block)
     want = requested
     if requested == "auto":
         want = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "splash"}.get(backend)
@@ -147,11 +147,11 @@ def device_count() -> int:
     return jax.device_count()
 
 
-def resolve(impl: str, q, sliding_window, dense_max: int, backend: str | None = None) -> str:
+def resolve(impl: str, q, sliding_window, block: int, backend: str | None = None) -> str:
     """The implementation to trace for ``impl`` given the operands (logs a fallback once)."""
     backend = backend or current_backend()
     chosen, why = choose_impl(
-        backend, q.shape[1], q.dtype, q.shape[3], dense_max=dense_max,
+        backend, q.shape[1], q.dtype, q.shape[3], block=block,
         static_window=is_static(sliding_window),
         splash_available=splash_available() if str(backend).lower() == "tpu" else False,
         cudnn_head_dim_max=_cudnn_head_dim_max() if str(backend).lower() in ("gpu", "cuda") else 256,

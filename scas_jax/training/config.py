@@ -60,7 +60,7 @@ class TrainConfig:
     # config records the dtype used); master weights and optimiser state stay float32
     compute_dtype: str = "auto"
     remat: bool = False
-    attn_impl: str = "auto"  # auto (CPU): blockwise (custom VJP over query spans) past 256 tokens, else dense
+    attn_impl: str = "auto"  # auto: flash-style blockwise (custom VJP) past 256 tokens, else dense
     logits_chunk: int = 256  # positions of each row per log-softmax chunk
     # vocabulary entries per log-softmax tile (forward and backward); 0: all at once
     logits_vocab_tile: int = 1024
